@@ -1,0 +1,278 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Manifest(_message.Message):
+    __slots__ = ("path", "size", "mtime", "source", "version_tag", "sha256", "chunks", "kind", "base", "metadata", "generation")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    MTIME_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_TAG_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    BASE_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    size: int
+    mtime: float
+    source: str
+    version_tag: str
+    sha256: str
+    chunks: bytes
+    kind: str
+    base: str
+    metadata: _containers.ScalarMap[str, str]
+    generation: int
+    def __init__(self, path: _Optional[str] = ..., size: _Optional[int] = ..., mtime: _Optional[float] = ..., source: _Optional[str] = ..., version_tag: _Optional[str] = ..., sha256: _Optional[str] = ..., chunks: _Optional[bytes] = ..., kind: _Optional[str] = ..., base: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., generation: _Optional[int] = ...) -> None: ...
+
+class Entry(_message.Message):
+    __slots__ = ("path", "is_dir", "size", "mtime", "kind", "sha256", "generation", "chunk_count")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    IS_DIR_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    MTIME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_COUNT_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    is_dir: bool
+    size: int
+    mtime: float
+    kind: str
+    sha256: str
+    generation: int
+    chunk_count: int
+    def __init__(self, path: _Optional[str] = ..., is_dir: _Optional[bool] = ..., size: _Optional[int] = ..., mtime: _Optional[float] = ..., kind: _Optional[str] = ..., sha256: _Optional[str] = ..., generation: _Optional[int] = ..., chunk_count: _Optional[int] = ...) -> None: ...
+
+class PathRequest(_message.Message):
+    __slots__ = ("path",)
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    def __init__(self, path: _Optional[str] = ...) -> None: ...
+
+class ListRequest(_message.Message):
+    __slots__ = ("path", "page_token", "page_size")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    page_token: str
+    page_size: int
+    def __init__(self, path: _Optional[str] = ..., page_token: _Optional[str] = ..., page_size: _Optional[int] = ...) -> None: ...
+
+class ListResponse(_message.Message):
+    __slots__ = ("entries", "next_page_token")
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[Entry]
+    next_page_token: str
+    def __init__(self, entries: _Optional[_Iterable[_Union[Entry, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class CommitRequest(_message.Message):
+    __slots__ = ("manifest",)
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    manifest: Manifest
+    def __init__(self, manifest: _Optional[_Union[Manifest, _Mapping]] = ...) -> None: ...
+
+class CommitResponse(_message.Message):
+    __slots__ = ("generation",)
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    generation: int
+    def __init__(self, generation: _Optional[int] = ...) -> None: ...
+
+class DeleteRequest(_message.Message):
+    __slots__ = ("path", "recursive")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    RECURSIVE_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    recursive: bool
+    def __init__(self, path: _Optional[str] = ..., recursive: _Optional[bool] = ...) -> None: ...
+
+class DeleteResponse(_message.Message):
+    __slots__ = ("deleted",)
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    deleted: int
+    def __init__(self, deleted: _Optional[int] = ...) -> None: ...
+
+class Node(_message.Message):
+    __slots__ = ("node_id", "address", "capacity", "role", "host_id", "pool_dir", "used", "chunks", "last_seen", "alive")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    POOL_DIR_FIELD_NUMBER: _ClassVar[int]
+    USED_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_FIELD_NUMBER: _ClassVar[int]
+    ALIVE_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    address: str
+    capacity: int
+    role: str
+    host_id: str
+    pool_dir: str
+    used: int
+    chunks: int
+    last_seen: float
+    alive: bool
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., capacity: _Optional[int] = ..., role: _Optional[str] = ..., host_id: _Optional[str] = ..., pool_dir: _Optional[str] = ..., used: _Optional[int] = ..., chunks: _Optional[int] = ..., last_seen: _Optional[float] = ..., alive: _Optional[bool] = ...) -> None: ...
+
+class RegisterResponse(_message.Message):
+    __slots__ = ("heartbeat_interval", "pins_generation")
+    HEARTBEAT_INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    PINS_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    heartbeat_interval: float
+    pins_generation: int
+    def __init__(self, heartbeat_interval: _Optional[float] = ..., pins_generation: _Optional[int] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("node_id", "used", "chunks")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    USED_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    used: int
+    chunks: int
+    def __init__(self, node_id: _Optional[str] = ..., used: _Optional[int] = ..., chunks: _Optional[int] = ...) -> None: ...
+
+class HeartbeatResponse(_message.Message):
+    __slots__ = ("known", "pins_generation")
+    KNOWN_FIELD_NUMBER: _ClassVar[int]
+    PINS_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    known: bool
+    pins_generation: int
+    def __init__(self, known: _Optional[bool] = ..., pins_generation: _Optional[int] = ...) -> None: ...
+
+class NodesRequest(_message.Message):
+    __slots__ = ("include_dead",)
+    INCLUDE_DEAD_FIELD_NUMBER: _ClassVar[int]
+    include_dead: bool
+    def __init__(self, include_dead: _Optional[bool] = ...) -> None: ...
+
+class NodesResponse(_message.Message):
+    __slots__ = ("nodes",)
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    nodes: _containers.RepeatedCompositeFieldContainer[Node]
+    def __init__(self, nodes: _Optional[_Iterable[_Union[Node, _Mapping]]] = ...) -> None: ...
+
+class PinRequest(_message.Message):
+    __slots__ = ("path", "recursive")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    RECURSIVE_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    recursive: bool
+    def __init__(self, path: _Optional[str] = ..., recursive: _Optional[bool] = ...) -> None: ...
+
+class PinResponse(_message.Message):
+    __slots__ = ("files",)
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    files: int
+    def __init__(self, files: _Optional[int] = ...) -> None: ...
+
+class PinnedChunksRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PinnedChunksResponse(_message.Message):
+    __slots__ = ("generation", "ids")
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    generation: int
+    ids: bytes
+    def __init__(self, generation: _Optional[int] = ..., ids: _Optional[bytes] = ...) -> None: ...
+
+class WarmupRequest(_message.Message):
+    __slots__ = ("paths", "recursive", "check")
+    PATHS_FIELD_NUMBER: _ClassVar[int]
+    RECURSIVE_FIELD_NUMBER: _ClassVar[int]
+    CHECK_FIELD_NUMBER: _ClassVar[int]
+    paths: _containers.RepeatedScalarFieldContainer[str]
+    recursive: bool
+    check: bool
+    def __init__(self, paths: _Optional[_Iterable[str]] = ..., recursive: _Optional[bool] = ..., check: _Optional[bool] = ...) -> None: ...
+
+class WarmupProgress(_message.Message):
+    __slots__ = ("path", "total_bytes", "done_bytes", "pool_capacity", "fits_bytes", "message", "done")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DONE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    POOL_CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    FITS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    total_bytes: int
+    done_bytes: int
+    pool_capacity: int
+    fits_bytes: int
+    message: str
+    done: bool
+    def __init__(self, path: _Optional[str] = ..., total_bytes: _Optional[int] = ..., done_bytes: _Optional[int] = ..., pool_capacity: _Optional[int] = ..., fits_bytes: _Optional[int] = ..., message: _Optional[str] = ..., done: _Optional[bool] = ...) -> None: ...
+
+class EvictRequest(_message.Message):
+    __slots__ = ("paths", "recursive")
+    PATHS_FIELD_NUMBER: _ClassVar[int]
+    RECURSIVE_FIELD_NUMBER: _ClassVar[int]
+    paths: _containers.RepeatedScalarFieldContainer[str]
+    recursive: bool
+    def __init__(self, paths: _Optional[_Iterable[str]] = ..., recursive: _Optional[bool] = ...) -> None: ...
+
+class EvictResponse(_message.Message):
+    __slots__ = ("chunks", "bytes")
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    chunks: int
+    bytes: int
+    def __init__(self, chunks: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
+
+class StatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StatsResponse(_message.Message):
+    __slots__ = ("files", "bytes", "unique_chunks", "unique_bytes", "nodes", "capacity", "used", "pinned_files", "store_url")
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    UNIQUE_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    UNIQUE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    USED_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FILES_FIELD_NUMBER: _ClassVar[int]
+    STORE_URL_FIELD_NUMBER: _ClassVar[int]
+    files: int
+    bytes: int
+    unique_chunks: int
+    unique_bytes: int
+    nodes: int
+    capacity: int
+    used: int
+    pinned_files: int
+    store_url: str
+    def __init__(self, files: _Optional[int] = ..., bytes: _Optional[int] = ..., unique_chunks: _Optional[int] = ..., unique_bytes: _Optional[int] = ..., nodes: _Optional[int] = ..., capacity: _Optional[int] = ..., used: _Optional[int] = ..., pinned_files: _Optional[int] = ..., store_url: _Optional[str] = ...) -> None: ...
+
+class ConfigRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ConfigResponse(_message.Message):
+    __slots__ = ("store_url",)
+    STORE_URL_FIELD_NUMBER: _ClassVar[int]
+    store_url: str
+    def __init__(self, store_url: _Optional[str] = ...) -> None: ...
