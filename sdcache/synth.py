@@ -162,13 +162,17 @@ def _fill(shapes: Iterator[tuple[str, Shape]], seed: int, dtype: type) -> dict[s
     return out
 
 
-def sd_checkpoint_tensors(scale: float = 1.0, *, unet_seed: int = 0, shared_seed: int = 1) -> dict[str, np.ndarray]:
+def sd_checkpoint_tensors(scale: float = 1.0, *, unet_seed: int = 0, shared_seed: int = 1,
+                          unet_scale: float | None = None) -> dict[str, np.ndarray]:
     """An SD1.x-shaped fp16 checkpoint; ``scale`` 1.0 is the real 2.1 GB size.
 
-    Widths scale with ``sqrt(scale)`` so bytes scale about linearly.
+    Widths scale with ``sqrt(scale)`` so bytes scale about linearly;
+    *unet_scale* sizes the UNet alone (two "fine-tunes" of one family share
+    VAE and text encoder but can differ in everything else).
     """
     f = max(scale, 1e-4) ** 0.5
-    base = max(8, int(round(320 * f / 8)) * 8)
+    fu = max(unet_scale if unet_scale is not None else scale, 1e-4) ** 0.5
+    base = max(8, int(round(320 * fu / 8)) * 8)
     ctx = max(8, int(round(768 * f / 8)) * 8)
     vae_base = max(8, int(round(128 * f / 8)) * 8)
     tensors = _fill(unet_shapes(base, ctx), unet_seed, np.float16)
@@ -178,12 +182,12 @@ def sd_checkpoint_tensors(scale: float = 1.0, *, unet_seed: int = 0, shared_seed
 
 
 def write_sd_checkpoint(path: str, scale: float = 1.0, *, unet_seed: int = 0, shared_seed: int = 1,
-                        metadata: dict[str, str] | None = None) -> int:
+                        unet_scale: float | None = None, metadata: dict[str, str] | None = None) -> int:
     """Write :func:`sd_checkpoint_tensors` as a .safetensors file; returns its size."""
     import os
 
     from safetensors.numpy import save_file
 
-    save_file(sd_checkpoint_tensors(scale, unet_seed=unet_seed, shared_seed=shared_seed), path,
+    save_file(sd_checkpoint_tensors(scale, unet_seed=unet_seed, shared_seed=shared_seed, unet_scale=unet_scale), path,
               metadata=metadata or {"format": "pt"})
     return os.path.getsize(path)

@@ -1,0 +1,263 @@
+"""Fetching chunks: from a same-host pool, from their nodes, or from the under-store.
+
+For each chunk the fetcher walks the live nodes in rendezvous order (owner
+first). A node on this machine is read straight from its shared-memory pool
+(the short-circuit path); others over HTTP, with the chunk's source range in
+the query so the node can read through on a miss. Every chunk is verified
+(xxh3-128) before it is handed out: a dead node, or one that returns wrong
+bytes, is skipped for the next, and after the nodes the under-store is read
+directly. Bytes that do not match at the under-store mean the source changed
+since import: :class:`~sdcache.errors.StaleSource`, never another version's
+bytes.
+
+Chunks are fetched by a bounded thread pool straight into caller-provided
+buffers (``memoryview`` slices), so a whole-file read makes no copies.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import os
+import threading
+import time
+from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
+from urllib.parse import quote, urlencode
+
+import xxhash
+
+from sdcache import errors
+from sdcache.hostid import host_id
+from sdcache.manifest import Manifest
+from sdcache.placement import NodeInfo, rank
+from sdcache.pool_layout import chunk_path
+
+from .metaclient import MetaClient
+from .underfs import read_range
+
+log = logging.getLogger(__name__)
+
+SUSPECT_SECONDS = 5.0  # a node that failed is tried last for this long
+DEFAULT_THREADS = 16
+
+
+class Fetcher:
+    """Parallel, verifying chunk fetcher shared by every open file of a client."""
+
+    def __init__(
+        self,
+        meta: MetaClient,
+        *,
+        threads: int = DEFAULT_THREADS,
+        timeout: float = 30.0,
+        short_circuit: bool | None = None,
+    ) -> None:
+        self.meta = meta
+        self.timeout = timeout
+        if short_circuit is None:
+            short_circuit = os.environ.get("SDCACHE_SHORT_CIRCUIT", "1") != "0"
+        self.short_circuit = short_circuit
+        self.host = host_id()
+        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="sdcache-fetch")
+        self._local = threading.local()
+        self._suspect: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self.tiers: Counter[str] = Counter()  # chunks served by "local", "node", "under"
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- one chunk -------------------------------------------------------------
+    def _order(self, chunk_id: str) -> list[NodeInfo]:
+        try:
+            nodes = self.meta.nodes()
+        except errors.Unavailable:
+            nodes = []
+        ranked = rank(chunk_id, nodes)
+        now = time.monotonic()
+        with self._lock:
+            good = [n for n in ranked if self._suspect.get(n.node_id, 0) <= now]
+            bad = [n for n in ranked if self._suspect.get(n.node_id, 0) > now]
+        return good + bad
+
+    def _mark_suspect(self, node: NodeInfo, why: object) -> None:
+        log.warning("node %s (%s) failed, trying the next: %s", node.node_id, node.address, why)
+        with self._lock:
+            self._suspect[node.node_id] = time.monotonic() + SUSPECT_SECONDS
+
+    def fetch_into(self, m: Manifest, index: int, out: memoryview) -> str:
+        """Fill *out* (exactly the chunk's length) with chunk *index* of *m*, verified.
+
+        Returns the tier that served it: ``local``, ``node`` or ``under``.
+        """
+        ref = m.chunks[index]
+        if len(out) != ref.length:
+            raise ValueError("buffer length does not match the chunk")
+        for node in self._order(ref.id):
+            try:
+                if self.short_circuit and node.host_id == self.host and node.pool_dir:
+                    if self._read_local(node, ref.id, out):
+                        self.tiers["local"] += 1
+                        return "local"
+                self._read_http(node, m, index, out)
+            except errors.StaleSource:
+                raise
+            except (OSError, http.client.HTTPException, errors.SdcacheError) as exc:
+                self._mark_suspect(node, exc)
+                continue
+            if xxhash.xxh3_128_hexdigest(out) == ref.id:
+                self.tiers["node"] += 1
+                return "node"
+            self._mark_suspect(node, f"chunk {ref.id} failed its hash")
+        self._read_under(m, index, out)
+        self.tiers["under"] += 1
+        return "under"
+
+    def fetch(self, m: Manifest, index: int) -> bytearray:
+        buf = bytearray(m.chunks[index].length)
+        self.fetch_into(m, index, memoryview(buf))
+        return buf
+
+    def submit(self, m: Manifest, index: int) -> Future[bytearray]:
+        """Fetch chunk *index* of *m* in the background into a new buffer."""
+        return self._executor.submit(self.fetch, m, index)
+
+    def submit_into(self, m: Manifest, index: int, out: memoryview) -> Future[str]:
+        """Fetch chunk *index* of *m* in the background straight into *out*."""
+        return self._executor.submit(self.fetch_into, m, index, out)
+
+    def _read_local(self, node: NodeInfo, chunk_id: str, out: memoryview) -> bool:
+        """Short-circuit read from a same-host pool; False when the chunk is not there or bad."""
+        try:
+            fd = os.open(chunk_path(node.pool_dir, chunk_id), os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            got = os.preadv(fd, [out], 0)
+        finally:
+            os.close(fd)
+        return got == len(out) and xxhash.xxh3_128_hexdigest(out) == chunk_id
+
+    def _connection(self, address: str) -> http.client.HTTPConnection:
+        conns: dict[str, http.client.HTTPConnection] = self._local.__dict__.setdefault("conns", {})
+        conn = conns.get(address)
+        if conn is None:
+            host, _, port = address.rpartition(":")
+            conn = conns[address] = http.client.HTTPConnection(host, int(port), timeout=self.timeout)
+        return conn
+
+    def _drop_connection(self, address: str) -> None:
+        conn = self._local.__dict__.get("conns", {}).pop(address, None)
+        if conn is not None:
+            conn.close()
+
+    def _read_http(self, node: NodeInfo, m: Manifest, index: int, out: memoryview) -> None:
+        ref = m.chunks[index]
+        query = urlencode({"src": m.source, "off": ref.offset, "len": ref.length, "path": m.path}, quote_via=quote)
+        conn = self._connection(node.address)
+        try:
+            conn.request("GET", f"/chunks/{ref.id}?{query}")
+            resp = conn.getresponse()
+            if resp.status != 200:
+                body = resp.read()
+                try:
+                    doc = json.loads(body)
+                    err = errors.from_wire(doc.get("error"), doc.get("message", ""))
+                except ValueError:
+                    err = errors.SdcacheError(f"node {node.address} answered HTTP {resp.status}")
+                raise err
+            if resp.getheader("Content-Length") != str(ref.length):
+                raise errors.CorruptChunk(f"node {node.address} sent a chunk of the wrong length")
+            got = 0
+            while got < ref.length:
+                n = resp.readinto(out[got:])
+                if not n:
+                    raise http.client.IncompleteRead(b"", ref.length - got)
+                got += n
+        except BaseException:
+            self._drop_connection(node.address)
+            raise
+
+    def _read_under(self, m: Manifest, index: int, out: memoryview) -> None:
+        ref = m.chunks[index]
+        if not m.source:
+            raise errors.Unavailable(f"{m.path}: no node holds chunk {ref.id} and the file has no source")
+        try:
+            data = read_range(m.source, ref.offset, ref.length)
+        except FileNotFoundError:
+            raise errors.StaleSource(f"{m.path}: source vanished since import: {m.source}") from None
+        except OSError as exc:
+            raise errors.Unavailable(f"{m.path}: no node answered and the source is unreachable: {exc}") from None
+        if len(data) != ref.length or xxhash.xxh3_128_hexdigest(data) != ref.id:
+            raise errors.StaleSource(f"{m.path}: source changed since import: {m.source}")
+        out[:] = data
+
+    # -- ranges ----------------------------------------------------------------
+    def read_into(self, m: Manifest, start: int, out: memoryview) -> int:
+        """Fill *out* with bytes [start, start+len(out)) of *m* (clipped at EOF), in parallel.
+
+        Chunks wholly inside the range are fetched straight into *out*; the
+        partial chunks at either end go through a temporary buffer.
+        """
+        end = min(start + len(out), m.size)
+        if end <= start:
+            return 0
+        futures: list[Future[object]] = []
+        for i in m.chunks_for(start, end):
+            ref = m.chunks[i]
+            lo, hi = max(start, ref.offset), min(end, ref.offset + ref.length)
+            dst = out[lo - start : hi - start]
+            if lo == ref.offset and hi == ref.offset + ref.length:
+                futures.append(self.submit_into(m, i, dst))
+            else:
+                futures.append(self._executor.submit(self._fetch_part, m, i, lo - ref.offset, dst))
+        try:
+            for f in futures:
+                f.result()
+        finally:
+            for f in futures:
+                f.cancel()
+        return end - start
+
+    def _fetch_part(self, m: Manifest, index: int, skip: int, dst: memoryview) -> None:
+        chunk = self.fetch(m, index)
+        dst[:] = memoryview(chunk)[skip : skip + len(dst)]
+
+    def cached_fraction(self, m: Manifest) -> float:
+        """Fraction of *m*'s chunks held by their owning node (asks each node once)."""
+        if not m.chunks:
+            return 1.0
+        try:
+            nodes = self.meta.nodes()
+        except errors.Unavailable:
+            return 0.0
+        if not nodes:
+            return 0.0
+        by_node: dict[str, list[str]] = {}
+        addr = {n.node_id: n.address for n in nodes}
+        for ref in m.chunks:
+            by_node.setdefault(rank(ref.id, nodes)[0].node_id, []).append(ref.id)
+        present = 0
+        for node_id, ids in by_node.items():
+            try:
+                held = set(self._post_json(addr[node_id], "/has", {"ids": sorted(set(ids))})["present"])
+            except (OSError, http.client.HTTPException, ValueError, KeyError, errors.SdcacheError):
+                continue
+            present += sum(1 for i in ids if i in held)
+        return present / len(m.chunks)
+
+    def _post_json(self, address: str, path: str, doc: object) -> dict:
+        conn = self._connection(address)
+        try:
+            body = json.dumps(doc).encode()
+            conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            data = json.loads(resp.read())
+        except BaseException:
+            self._drop_connection(address)
+            raise
+        if resp.status != 200:
+            raise errors.from_wire(data.get("error"), data.get("message", ""))
+        return data

@@ -1,0 +1,1 @@
+"""sdcache.kernels: the embedded inference runner and its optimized kernels."""

@@ -1,0 +1,127 @@
+"""Conversions between the wire messages of ``meta.proto`` and the core types.
+
+Also the two directions of error translation: an :class:`SdcacheError` sent
+as a gRPC status plus the ``sdcache-error`` trailer, and back.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from .. import errors
+from ..manifest import CHUNK_ENTRY, Entry, Manifest, pack_chunks, unpack_chunks
+from .._proto import meta_pb2 as pb
+from ..store.base import NodeRecord
+
+#: Trailing-metadata key naming the exact sdcache error class.
+ERROR_TRAILER = "sdcache-error"
+
+
+def manifest_from_proto(msg: pb.Manifest) -> Manifest:
+    """A core manifest from its wire form; the packed table must be whole entries."""
+    if len(msg.chunks) % CHUNK_ENTRY.size:
+        raise errors.InvalidArgument(
+            f"{msg.path}: chunk table is {len(msg.chunks)} bytes, not a multiple of {CHUNK_ENTRY.size}"
+        )
+    return Manifest(
+        path=msg.path,
+        size=msg.size,
+        mtime=msg.mtime,
+        source=msg.source,
+        version_tag=msg.version_tag,
+        sha256=msg.sha256,
+        chunks=unpack_chunks(msg.chunks),
+        kind=msg.kind or "other",
+        base=msg.base,
+        metadata=dict(msg.metadata),
+        generation=msg.generation,
+    )
+
+
+def manifest_to_proto(m: Manifest) -> pb.Manifest:
+    return pb.Manifest(
+        path=m.path,
+        size=m.size,
+        mtime=m.mtime,
+        source=m.source,
+        version_tag=m.version_tag,
+        sha256=m.sha256,
+        chunks=pack_chunks(m.chunks),
+        kind=m.kind,
+        base=m.base,
+        metadata=m.metadata,
+        generation=m.generation,
+    )
+
+
+def _entry_fields(e: Entry) -> dict[str, Any]:
+    return {
+        "path": e.path,
+        "is_dir": e.is_dir,
+        "size": e.size,
+        "mtime": e.mtime,
+        "kind": e.kind,
+        "sha256": e.sha256,
+        "generation": e.generation,
+        "chunk_count": e.chunk_count,
+    }
+
+
+def entry_to_proto(e: Entry) -> pb.Entry:
+    return pb.Entry(**_entry_fields(e))
+
+
+def add_entries(out: Any, entries: list[Entry]) -> None:
+    """Append *entries* to a repeated ``Entry`` field (in place: no message copies)."""
+    add = out.add
+    for e in entries:
+        add(**_entry_fields(e))
+
+
+def entry_from_proto(msg: pb.Entry) -> Entry:
+    return Entry(msg.path, msg.is_dir, msg.size, msg.mtime, msg.kind, msg.sha256, msg.generation, msg.chunk_count)
+
+
+def node_from_proto(msg: pb.Node, last_seen: float) -> NodeRecord:
+    if not msg.node_id or not msg.address:
+        raise errors.InvalidArgument("a node needs a node_id and an address")
+    return NodeRecord(
+        node_id=msg.node_id,
+        address=msg.address,
+        capacity=msg.capacity,
+        role=msg.role or "memory",
+        host_id=msg.host_id,
+        pool_dir=msg.pool_dir,
+        used=msg.used,
+        chunks=msg.chunks,
+        last_seen=last_seen,
+    )
+
+
+def node_to_proto(n: NodeRecord, alive: bool) -> pb.Node:
+    return pb.Node(
+        node_id=n.node_id,
+        address=n.address,
+        capacity=n.capacity,
+        role=n.role,
+        host_id=n.host_id,
+        pool_dir=n.pool_dir,
+        used=n.used,
+        chunks=n.chunks,
+        last_seen=n.last_seen,
+        alive=alive,
+    )
+
+
+def status_of(exc: errors.SdcacheError) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
+    """``(code, details, trailing_metadata)`` that carry *exc* over gRPC."""
+    return grpc.StatusCode[exc.grpc_code], str(exc), ((ERROR_TRAILER, errors.error_name(exc)),)
+
+
+def error_from_rpc(exc: grpc.RpcError) -> errors.SdcacheError:
+    """Rebuild the sdcache error a failed call carried (exact class when named)."""
+    trailer = dict(exc.trailing_metadata() or ()).get(ERROR_TRAILER)  # type: ignore[attr-defined]
+    code = exc.code()  # type: ignore[attr-defined]
+    return errors.from_wire(trailer, exc.details() or code.name, grpc_code=code.name)  # type: ignore[attr-defined]

@@ -1,0 +1,271 @@
+"""Warm-up, cache checks and eviction: a file request fanned out to the nodes.
+
+Placement is computed, so the service knows each chunk's owner without asking
+anyone: :func:`sdcache.placement.owner` over the live nodes, exactly as every
+client computes it. Warm-up sends each owner its chunks in batches of
+:data:`WARM_BATCH` (one file per batch), nodes in parallel, and reports
+progress after every batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+from ..errors import Unavailable
+from ..manifest import Manifest
+from ..placement import NodeInfo, owner
+from ..units import format_size
+from .nodeclient import NodeClient, WarmChunk
+
+log = logging.getLogger(__name__)
+
+WARM_BATCH = 64  # chunks per /warm request
+ID_BATCH = 4096  # ids per /has or /evict request
+
+
+@dataclass(slots=True)
+class WarmStatus:
+    """One progress report of a warm-up or a check (``WarmupProgress`` on the wire)."""
+
+    path: str
+    total_bytes: int
+    done_bytes: int
+    pool_capacity: int
+    fits_bytes: int
+    message: str = ""
+    done: bool = False
+
+
+@dataclass(slots=True)
+class _Batch:
+    """Chunks of one file for one node; each id once, credited for every occurrence."""
+
+    path: str
+    chunks: list[WarmChunk] = field(default_factory=list)
+    credit: dict[str, int] = field(default_factory=dict)  # id -> bytes it stands for in the file
+
+
+def source_url(m: Manifest, store_url: str) -> str:
+    """Where a node reads the bytes of *m*: its source, else the cluster store."""
+    return m.source or store_url.rstrip("/") + m.path
+
+
+def capacity_message(what: str, total: int, capacity: int) -> str:
+    """The one-line warning when a request is larger than the pool, else ``""``."""
+    if total <= capacity:
+        return ""
+    return (
+        f"warm-up of {what} needs {format_size(total)} but the pool holds {format_size(capacity)};"
+        f" {format_size(min(total, capacity))} fits"
+    )
+
+
+def _fitting(files: Sequence[Manifest], capacity: int) -> tuple[list[Manifest], list[Manifest]]:
+    """Split *files* (in order) into those that fit the pool whole and the rest.
+
+    A half-cached model is worth little, and loading more than the pool holds
+    only evicts what this same warm-up loaded.
+    """
+    fit: list[Manifest] = []
+    rest: list[Manifest] = []
+    used = 0
+    for m in files:
+        if used + m.size <= capacity:
+            fit.append(m)
+            used += m.size
+        else:
+            rest.append(m)
+    return fit, rest
+
+
+def plan_warm(files: Sequence[Manifest], nodes: Sequence[NodeInfo], store_url: str) -> dict[str, list[_Batch]]:
+    """Batches of chunks per node id: each chunk goes to its owner."""
+    plan: dict[str, list[_Batch]] = {}
+    for m in files:
+        src = source_url(m, store_url)
+        per_node: dict[str, _Batch] = {}
+        for c in m.chunks:
+            node = owner(c.id, nodes)
+            assert node is not None
+            batch = per_node.get(node.node_id)
+            if batch is None or (c.id not in batch.credit and len(batch.chunks) >= WARM_BATCH):
+                batch = per_node[node.node_id] = _Batch(m.path)
+                plan.setdefault(node.node_id, []).append(batch)
+            if c.id in batch.credit:
+                batch.credit[c.id] += c.length
+            else:
+                batch.chunks.append(WarmChunk(c.id, src, c.offset, c.length))
+                batch.credit[c.id] = c.length
+    return plan
+
+
+def _owned_ids(files: Sequence[Manifest], nodes: Sequence[NodeInfo]) -> dict[str, list[str]]:
+    """Every distinct chunk id of *files*, grouped by owning node id."""
+    ids: dict[str, dict[str, None]] = {}
+    for m in files:
+        for c in m.chunks:
+            node = owner(c.id, nodes)
+            assert node is not None
+            ids.setdefault(node.node_id, {})[c.id] = None
+    return {n: list(v) for n, v in ids.items()}
+
+
+def _batches(items: list[str], n: int) -> list[list[str]]:
+    return [items[i : i + n] for i in range(0, len(items), n)]
+
+
+class Fanout:
+    """Runs warm-ups, checks and evictions against live nodes through one :class:`NodeClient`."""
+
+    def __init__(self, client: NodeClient, store_url: str) -> None:
+        self.client = client
+        self.store_url = store_url
+
+    # -- warm-up -------------------------------------------------------------
+
+    async def warm(self, what: str, files: list[Manifest], nodes: list[NodeInfo]) -> AsyncIterator[WarmStatus]:
+        """Load *files* into the pool; one status first, one per batch, a final one."""
+        total = sum(m.size for m in files)
+        capacity = sum(n.capacity for n in nodes)
+        if not nodes:
+            raise Unavailable(f"warm-up of {what}: no live cache nodes (start one with `sdcache node`)")
+        warning = capacity_message(what, total, capacity)
+        fit, skipped = _fitting(files, capacity)
+
+        def status(path: str, done_bytes: int, message: str = "", done: bool = False) -> WarmStatus:
+            return WarmStatus(path, total, done_bytes, capacity, min(total, capacity), message, done)
+
+        yield status(what, 0, warning)
+        plan = await asyncio.to_thread(plan_warm, fit, nodes, self.store_url)
+        by_id = {n.node_id: n for n in nodes}
+        queue: asyncio.Queue[tuple[str, int, dict[str, str], int] | None] = asyncio.Queue()
+        tasks = [asyncio.create_task(self._warm_node(by_id[nid], batches, queue)) for nid, batches in plan.items()]
+        done_bytes, failed, no_space = 0, {}, 0
+        try:
+            running = len(tasks)
+            while running:
+                item = await queue.get()
+                if item is None:
+                    running -= 1
+                    continue
+                path, credited, batch_failed, batch_no_space = item
+                done_bytes += credited
+                failed.update(batch_failed)
+                no_space += batch_no_space
+                yield status(path, done_bytes)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        notes = [f"{what}: {format_size(done_bytes)} of {format_size(total)} in the pool"]
+        if warning:
+            notes.append(warning)
+        if skipped:
+            names = ", ".join(m.path for m in skipped[:3]) + (", ..." if len(skipped) > 3 else "")
+            notes.append(f"skipped {len(skipped)} file(s) that do not fit: {names}")
+        if failed:
+            notes.append(f"{len(failed)} chunk(s) failed to load: {next(iter(failed.values()))}")
+        if no_space:
+            notes.append(f"{no_space} chunk(s) found no space on their node")
+        yield status(what, done_bytes, "; ".join(notes), True)
+
+    async def _warm_node(
+        self,
+        node: NodeInfo,
+        batches: list[_Batch],
+        queue: asyncio.Queue[tuple[str, int, dict[str, str], int] | None],
+    ) -> None:
+        try:
+            for batch in batches:
+                queue.put_nowait((batch.path, *await self._warm_batch(node, batch)))
+        finally:
+            queue.put_nowait(None)
+
+    async def _warm_batch(self, node: NodeInfo, batch: _Batch) -> tuple[int, dict[str, str], int]:
+        """``(bytes now in the pool, failed id -> why, no-space count)`` for one batch."""
+        try:
+            reply = await self.client.warm(node.address, batch.path, batch.chunks)
+        except Unavailable as exc:
+            log.warning("warm-up of %s: %s", batch.path, exc)
+            return 0, {c.id: str(exc) for c in batch.chunks}, 0
+        if not reply.failed and not reply.no_space:
+            return sum(batch.credit.values()), {}, 0
+        # Some chunks did not make it: ask which did, rather than guess.
+        try:
+            present = await self.client.has(node.address, list(batch.credit))
+        except Unavailable as exc:
+            log.warning("warm-up of %s: %s", batch.path, exc)
+            present = set()
+        failed = {i: f"node {node.address}: {why}" for i, why in reply.failed.items()}
+        return sum(batch.credit[i] for i in present if i in batch.credit), failed, reply.no_space
+
+    # -- check ---------------------------------------------------------------
+
+    async def check(self, what: str, files: list[Manifest], nodes: list[NodeInfo]) -> AsyncIterator[WarmStatus]:
+        """Report how much of *files* the pool holds: one status per file, a final one."""
+        total = sum(m.size for m in files)
+        capacity = sum(n.capacity for n in nodes)
+        fits = min(total, capacity)
+        warning = capacity_message(what, total, capacity)
+        if not nodes:
+            yield WarmStatus(what, total, 0, 0, 0, f"{what}: no live cache nodes", True)
+            return
+        owned = await asyncio.to_thread(_owned_ids, files, nodes)
+        by_id = {n.node_id: n for n in nodes}
+        present: set[str] = set()
+        problems: list[str] = []
+
+        async def ask(node: NodeInfo, ids: list[str]) -> None:
+            try:
+                for batch in _batches(ids, ID_BATCH):
+                    present.update(await self.client.has(node.address, batch))
+            except Unavailable as exc:
+                problems.append(str(exc))
+
+        async with asyncio.TaskGroup() as tg:
+            for nid, ids in owned.items():
+                tg.create_task(ask(by_id[nid], ids))
+        done_bytes = 0
+        for m in files:
+            cached = sum(c.length for c in m.chunks if c.id in present)
+            done_bytes += cached
+            yield WarmStatus(
+                m.path, total, done_bytes, capacity, fits, f"{format_size(cached)} of {format_size(m.size)} cached"
+            )
+        notes = [f"{what}: {format_size(done_bytes)} of {format_size(total)} cached"]
+        notes += [warning] if warning else []
+        notes += problems[:3]
+        yield WarmStatus(what, total, done_bytes, capacity, fits, "; ".join(notes), True)
+
+    # -- eviction ------------------------------------------------------------
+
+    async def evict(self, files: list[Manifest], nodes: list[NodeInfo]) -> tuple[int, int]:
+        """Drop the chunks of *files* from every live node; ``(chunks, bytes)`` freed.
+
+        Every node is asked, not only the owners: a chunk stays where it was
+        loaded when nodes join or leave. Fails only when every node failed.
+        """
+        per_file = [(m.path, list(dict.fromkeys(c.id for c in m.chunks))) for m in files]
+        totals = [0, 0]
+        problems: list[str] = []
+
+        async def one(node: NodeInfo) -> None:
+            try:
+                for path, ids in per_file:
+                    for batch in _batches(ids, ID_BATCH):
+                        chunks, nbytes = await self.client.evict(node.address, path, batch)
+                        totals[0] += chunks
+                        totals[1] += nbytes
+            except Unavailable as exc:
+                log.warning("evict: %s", exc)
+                problems.append(str(exc))
+
+        async with asyncio.TaskGroup() as tg:
+            for node in nodes:
+                tg.create_task(one(node))
+        if nodes and len(problems) == len(nodes):
+            raise Unavailable(f"evict: every node failed: {problems[0]}")
+        return totals[0], totals[1]

@@ -1,0 +1,103 @@
+"""The metadata service's HTTP client for the node control endpoints.
+
+Contract with the node (``node/``)::
+
+    POST /warm   {"path": p, "chunks": [{"id", "src", "off", "len"}, ...]}
+              -> {"loaded": n, "bytes": b, "present": n, "failed": [{"id", "error"}], "no_space": n}
+    POST /has    {"ids": [...]}            -> {"present": [...]}
+    POST /evict  {"path": p, "ids": [...]} -> {"chunks": n, "bytes": b}
+
+Every failure (refused connection, timeout, non-2xx reply, malformed JSON)
+becomes :class:`~sdcache.errors.Unavailable` naming the node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from ..errors import Unavailable
+
+log = logging.getLogger(__name__)
+
+# Loading a batch may read 64 x 4 MiB from a slow under-store.
+WARM_TIMEOUT = aiohttp.ClientTimeout(total=600, sock_connect=5)
+CONTROL_TIMEOUT = aiohttp.ClientTimeout(total=60, sock_connect=5)
+
+
+@dataclass(frozen=True, slots=True)
+class WarmChunk:
+    """One chunk to load: its id and where its bytes are in the under-store."""
+
+    id: str
+    src: str
+    off: int
+    len: int
+
+
+@dataclass(slots=True)
+class WarmReply:
+    loaded: int = 0
+    bytes: int = 0
+    present: int = 0
+    failed: dict[str, str] = field(default_factory=dict)  # chunk id -> why
+    no_space: int = 0
+
+
+class NodeClient:
+    """Calls the node control endpoints over one pooled aiohttp session.
+
+    Create and close it inside the event loop that uses it.
+    """
+
+    def __init__(self) -> None:
+        self._session = aiohttp.ClientSession(raise_for_status=False)
+
+    async def close(self) -> None:
+        await self._session.close()
+
+    async def _post(self, address: str, endpoint: str, body: dict[str, Any], timeout: aiohttp.ClientTimeout) -> Any:
+        url = f"http://{address}/{endpoint}"
+        try:
+            async with self._session.post(url, json=body, timeout=timeout) as resp:
+                if resp.status // 100 != 2:
+                    text = (await resp.text())[:200].strip()
+                    raise Unavailable(f"node {address}: {endpoint} answered HTTP {resp.status}: {text}")
+                return await resp.json(content_type=None)
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+            raise Unavailable(f"node {address}: {endpoint} failed: {str(exc) or type(exc).__name__}") from exc
+
+    async def warm(self, address: str, path: str, chunks: list[WarmChunk]) -> WarmReply:
+        """Ask the node at *address* to load *chunks* of file *path*."""
+        body = {"path": path, "chunks": [{"id": c.id, "src": c.src, "off": c.off, "len": c.len} for c in chunks]}
+        data = await self._post(address, "warm", body, WARM_TIMEOUT)
+        try:
+            return WarmReply(
+                loaded=int(data.get("loaded", 0)),
+                bytes=int(data.get("bytes", 0)),
+                present=int(data.get("present", 0)),
+                failed={str(f["id"]): str(f.get("error", "")) for f in data.get("failed", ())},
+                no_space=int(data.get("no_space", 0)),
+            )
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise Unavailable(f"node {address}: malformed warm reply: {exc}") from exc
+
+    async def has(self, address: str, ids: list[str]) -> set[str]:
+        """Which of *ids* the node at *address* holds."""
+        data = await self._post(address, "has", {"ids": ids}, CONTROL_TIMEOUT)
+        try:
+            return {str(i) for i in data["present"]}
+        except (KeyError, TypeError) as exc:
+            raise Unavailable(f"node {address}: malformed has reply: {exc}") from exc
+
+    async def evict(self, address: str, path: str, ids: list[str]) -> tuple[int, int]:
+        """Drop *ids* of file *path* from the node; ``(chunks, bytes)`` it freed."""
+        data = await self._post(address, "evict", {"path": path, "ids": ids}, CONTROL_TIMEOUT)
+        try:
+            return int(data.get("chunks", 0)), int(data.get("bytes", 0))
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise Unavailable(f"node {address}: malformed evict reply: {exc}") from exc

@@ -1,0 +1,218 @@
+"""Starting the metadata service: ``sdcache meta`` and :func:`serve` in-process."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+
+from ..errors import InvalidArgument, SdcacheError, Unavailable
+from .._proto import meta_pb2_grpc
+from ..store.sqlite import SqliteStore
+from .fanout import Fanout
+from .nodeclient import NodeClient
+from .servicer import MetaServicer
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DATA = "./sdcache-data"
+DEFAULT_LISTEN = "127.0.0.1:7070"
+MAX_MESSAGE = 64 << 20  # a listing page or a pinned-chunk set can pass 4 MiB
+MAX_PENDING = 20_000  # calls queued before the loop takes them
+STOP_GRACE = 2.0  # seconds in-flight calls get on shutdown
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options of ``sdcache meta`` to *parser*."""
+    parser.add_argument("--data", default=DEFAULT_DATA, metavar="DIR", help="metadata directory (default %(default)s)")
+    parser.add_argument(
+        "--listen",
+        default=DEFAULT_LISTEN,
+        metavar="HOST:PORT",
+        help="gRPC address (default %(default)s; port 0 picks one)",
+    )
+    parser.add_argument(
+        "--store", default=None, metavar="URL", help="where `put` uploads files (default file://DATA/store)"
+    )
+    parser.add_argument(
+        "--heartbeat-interval",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="node heartbeat interval; a node is dropped after 3 missed (default %(default)s)",
+    )
+    parser.add_argument("--ready-file", default=None, metavar="PATH", help="write HOST:PORT here once listening")
+
+
+def _split_listen(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise InvalidArgument(f"--listen wants HOST:PORT, got {listen!r}")
+    return host, int(port)
+
+
+def _check_bindable(host: str, port: int) -> None:
+    """Fail with one clear line if *host*:*port* cannot be bound.
+
+    gRPC would also fail, but after logging its own multi-line complaint.
+    """
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise Unavailable(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(addr)
+        except OSError as exc:
+            raise Unavailable(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
+async def serve(
+    data_dir: str | os.PathLike[str],
+    listen: str,
+    *,
+    store_url: str | None = None,
+    heartbeat_interval: float = 1.0,
+    ready: Callable[[str], None] | None = None,
+) -> None:
+    """Run the metadata service until cancelled, then stop cleanly.
+
+    The database is ``data_dir/meta.db``; *store_url* (where ``put``
+    uploads) defaults to ``file://data_dir/store``, created. *ready* is called with the bound
+    ``HOST:PORT`` once the service accepts calls (useful with port 0).
+    """
+    host, port = _split_listen(listen)
+    _check_bindable(host, port)
+    if heartbeat_interval <= 0:
+        raise InvalidArgument(f"heartbeat interval must be positive, got {heartbeat_interval}")
+    data = Path(data_dir).resolve()
+    store_url = _store_url(data, store_url)
+    store = await asyncio.to_thread(SqliteStore, data / "meta.db")
+    try:
+        client = NodeClient()
+        try:
+            servicer = MetaServicer(
+                store, Fanout(client, store_url), heartbeat_interval=heartbeat_interval, store_url=store_url
+            )
+            try:
+                await _run_server(servicer, listen, host, ready)
+            finally:
+                servicer.close()
+        finally:
+            await client.close()
+    finally:
+        store.close()
+
+
+def _store_url(data: Path, store_url: str | None) -> str:
+    """The ``--store`` URL: a bare path becomes a file URL; default DATA/store (created)."""
+    if store_url is None:
+        store_dir = data / "store"
+        try:
+            store_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SdcacheError(f"cannot create {store_dir}: {exc.strerror}") from None
+        return store_dir.as_uri()
+    if "://" not in store_url:
+        return Path(store_url).resolve().as_uri()
+    return store_url
+
+
+async def _run_server(servicer: MetaServicer, listen: str, host: str, ready: Callable[[str], None] | None) -> None:
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE),
+            ("grpc.max_send_message_length", MAX_MESSAGE),
+            ("grpc.so_reuseport", 0),  # a second service on a busy port must fail, not share it
+            # Calls not yet picked up by the asyncio loop queue here; gRPC's default
+            # (1000) answers CANCELLED to a burst of a few thousand concurrent calls.
+            ("grpc.server.max_pending_requests", MAX_PENDING),
+            ("grpc.server.max_pending_requests_hard_limit", 2 * MAX_PENDING),
+        ]
+    )
+    meta_pb2_grpc.add_MetaServicer_to_server(servicer, server)
+    try:
+        try:
+            port = server.add_insecure_port(listen)
+        except RuntimeError as exc:
+            raise Unavailable(f"cannot listen on {listen}: {exc}") from None
+        if not port:
+            raise Unavailable(f"cannot listen on {listen}: address in use or not available")
+        await server.start()
+        address = f"{host}:{port}"
+        log.info("metadata service on %s, store %s", address, servicer.store_url)
+        if ready is not None:
+            ready(address)
+        # Not server.wait_for_termination(): cancelling it cancels the server's
+        # own shutdown future, and stop() below would then fail.
+        await asyncio.Event().wait()
+    finally:
+        await server.stop(STOP_GRACE)
+
+
+def _write_ready_file(path: str, address: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(address + "\n")
+    os.replace(tmp, path)
+
+
+async def _serve_until_signal(args: argparse.Namespace) -> None:
+    def ready(address: str) -> None:
+        if args.ready_file:  # first, so it exists once the line is seen
+            _write_ready_file(args.ready_file, address)
+        print(f"sdcache meta listening on {address}", flush=True)
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    service = asyncio.create_task(
+        serve(
+            args.data,
+            args.listen,
+            store_url=args.store,
+            heartbeat_interval=args.heartbeat_interval,
+            ready=ready,
+        )
+    )
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait({service, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    stopper.cancel()
+    if not service.done():
+        log.info("stopping")
+        service.cancel()
+    try:
+        await service
+    except asyncio.CancelledError:
+        if not stop.is_set():
+            raise
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run ``sdcache meta`` until SIGTERM or SIGINT; 0 on a clean stop, 1 with one line on error."""
+    try:
+        asyncio.run(_serve_until_signal(args))
+    except (SdcacheError, OSError) as exc:
+        print(f"sdcache meta: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cli(argv: list[str] | None = None) -> int:
+    """Stand-alone entry point until ``sdcache meta`` is wired into the CLI."""
+    parser = argparse.ArgumentParser(prog="sdcache meta", description="Run the sdcache metadata service.")
+    add_arguments(parser)
+    return main(parser.parse_args(argv))

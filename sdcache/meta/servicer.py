@@ -1,0 +1,231 @@
+"""The ``sdcache.v1.Meta`` gRPC servicer: a thin adapter over a :class:`MetaStore`.
+
+Each handler converts the request, runs the blocking store call in a thread
+and converts the answer. Reads and writes have a small thread pool each (the
+store gives every thread its own connection); concurrent writes share one
+fsync through the store's group commit. Errors leave as gRPC
+status codes with the ``sdcache-error`` trailer naming the exact class.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import grpc
+
+from .. import errors, paths
+from .._proto import meta_pb2 as pb
+from .._proto import meta_pb2_grpc
+from ..manifest import Manifest
+from ..placement import NodeInfo
+from ..store.base import MetaStore, NodeRecord
+from . import convert
+from .fanout import Fanout, WarmStatus
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: A node is live while its last heartbeat is this many intervals old or newer.
+MISSED_HEARTBEATS = 3
+READ_THREADS = 4
+WRITE_THREADS = 8  # writes in flight at once: the most one group commit can batch
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    if not isinstance(exc, errors.SdcacheError):
+        log.error("internal error", exc_info=exc)
+        exc = errors.SdcacheError(f"internal error: {type(exc).__name__}: {exc}")
+    code, details, trailer = convert.status_of(exc)
+    await context.abort(code, details, trailing_metadata=trailer)
+
+
+def _unary(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """Send any exception of a unary handler as its status code."""
+
+    @functools.wraps(fn)
+    async def handler(self: MetaServicer, request: Any, context: grpc.aio.ServicerContext) -> T:
+        try:
+            return await fn(self, request, context)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a status
+            await _abort(context, exc)
+            raise AssertionError("unreachable: abort raises")
+
+    return handler
+
+
+def _warm_to_proto(s: WarmStatus) -> pb.WarmupProgress:
+    return pb.WarmupProgress(
+        path=s.path,
+        total_bytes=s.total_bytes,
+        done_bytes=s.done_bytes,
+        pool_capacity=s.pool_capacity,
+        fits_bytes=s.fits_bytes,
+        message=s.message,
+        done=s.done,
+    )
+
+
+class MetaServicer(meta_pb2_grpc.MetaServicer):
+    """Serves one :class:`MetaStore`; owns the threads that call it."""
+
+    def __init__(
+        self,
+        store: MetaStore,
+        fanout: Fanout,
+        *,
+        heartbeat_interval: float = 1.0,
+        store_url: str,
+    ) -> None:
+        self.store = store
+        self.fanout = fanout
+        self.heartbeat_interval = heartbeat_interval
+        self.store_url = store_url
+        self._writer = ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="meta-write")
+        self._readers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="meta-read")
+
+    def close(self) -> None:
+        """Stop the store threads (after the server stopped taking calls)."""
+        self._writer.shutdown(wait=True)
+        self._readers.shutdown(wait=True)
+
+    async def _read(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._readers, fn, *args)
+
+    async def _write(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._writer, fn, *args)
+
+    async def _live_nodes(self) -> list[NodeRecord]:
+        nodes = await self._read(self.store.list_nodes)
+        return [n for n in nodes if self._alive(n, time.time())]
+
+    def _alive(self, node: NodeRecord, now: float) -> bool:
+        return now - node.last_seen <= MISSED_HEARTBEATS * self.heartbeat_interval
+
+    async def _resolve(self, requested: list[str], recursive: bool) -> list[Manifest]:
+        """The files of every requested path, each once, in request order."""
+        if not requested:
+            raise errors.InvalidArgument("no paths given")
+        seen: dict[str, Manifest] = {}
+        for p in requested:
+            for m in await self._read(self.store.resolve_files, p, recursive):
+                seen.setdefault(m.path, m)
+        return list(seen.values())
+
+    # -- namespace -----------------------------------------------------------
+
+    @_unary
+    async def Stat(self, request: pb.PathRequest, context: grpc.aio.ServicerContext) -> pb.Entry:
+        return convert.entry_to_proto(await self._read(self.store.stat, request.path))
+
+    @_unary
+    async def GetManifest(self, request: pb.PathRequest, context: grpc.aio.ServicerContext) -> pb.Manifest:
+        return convert.manifest_to_proto(await self._read(self.store.get_manifest, request.path))
+
+    @_unary
+    async def List(self, request: pb.ListRequest, context: grpc.aio.ServicerContext) -> pb.ListResponse:
+        entries, token = await self._read(self.store.list_dir, request.path, request.page_token, request.page_size)
+        reply = pb.ListResponse(next_page_token=token)
+        convert.add_entries(reply.entries, entries)
+        return reply
+
+    @_unary
+    async def Commit(self, request: pb.CommitRequest, context: grpc.aio.ServicerContext) -> pb.CommitResponse:
+        manifest = convert.manifest_from_proto(request.manifest)
+        return pb.CommitResponse(generation=await self._write(self.store.commit, manifest))
+
+    @_unary
+    async def Delete(self, request: pb.DeleteRequest, context: grpc.aio.ServicerContext) -> pb.DeleteResponse:
+        return pb.DeleteResponse(deleted=await self._write(self.store.delete, request.path, request.recursive))
+
+    # -- nodes ---------------------------------------------------------------
+
+    @_unary
+    async def RegisterNode(self, request: pb.Node, context: grpc.aio.ServicerContext) -> pb.RegisterResponse:
+        node = convert.node_from_proto(request, time.time())
+        await self._write(self.store.register_node, node)
+        log.info("node %s registered at %s (%d bytes, %s)", node.node_id, node.address, node.capacity, node.role)
+        return pb.RegisterResponse(
+            heartbeat_interval=self.heartbeat_interval,
+            pins_generation=await self._read(self.store.pins_generation),
+        )
+
+    @_unary
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatResponse:
+        known = await self._write(self.store.heartbeat, request.node_id, request.used, request.chunks, time.time())
+        return pb.HeartbeatResponse(known=known, pins_generation=await self._read(self.store.pins_generation))
+
+    @_unary
+    async def ListNodes(self, request: pb.NodesRequest, context: grpc.aio.ServicerContext) -> pb.NodesResponse:
+        now = time.time()
+        out = []
+        for n in await self._read(self.store.list_nodes):
+            alive = self._alive(n, now)
+            if alive or request.include_dead:
+                out.append(convert.node_to_proto(n, alive))
+        return pb.NodesResponse(nodes=out)
+
+    # -- pins ----------------------------------------------------------------
+
+    @_unary
+    async def Pin(self, request: pb.PinRequest, context: grpc.aio.ServicerContext) -> pb.PinResponse:
+        return pb.PinResponse(files=await self._write(self.store.pin, request.path, request.recursive))
+
+    @_unary
+    async def Unpin(self, request: pb.PinRequest, context: grpc.aio.ServicerContext) -> pb.PinResponse:
+        return pb.PinResponse(files=await self._write(self.store.unpin, request.path, request.recursive))
+
+    @_unary
+    async def PinnedChunks(
+        self, request: pb.PinnedChunksRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PinnedChunksResponse:
+        generation, ids = await self._read(self.store.pinned_chunks)
+        return pb.PinnedChunksResponse(generation=generation, ids=ids)
+
+    # -- warm-up, eviction, totals ------------------------------------------
+
+    async def Warmup(
+        self, request: pb.WarmupRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WarmupProgress]:
+        try:
+            files = await self._resolve(list(request.paths), request.recursive)
+            nodes = [n.info() for n in await self._live_nodes()]
+            what = paths.normalize(request.paths[0]) if len(request.paths) == 1 else f"{len(request.paths)} paths"
+            run = self.fanout.check if request.check else self.fanout.warm
+            async for status in run(what, files, nodes):
+                yield _warm_to_proto(status)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a status
+            await _abort(context, exc)
+
+    @_unary
+    async def Evict(self, request: pb.EvictRequest, context: grpc.aio.ServicerContext) -> pb.EvictResponse:
+        files = await self._resolve(list(request.paths), request.recursive)
+        nodes: list[NodeInfo] = [n.info() for n in await self._live_nodes()]
+        chunks, nbytes = await self.fanout.evict(files, nodes)
+        return pb.EvictResponse(chunks=chunks, bytes=nbytes)
+
+    @_unary
+    async def Stats(self, request: pb.StatsRequest, context: grpc.aio.ServicerContext) -> pb.StatsResponse:
+        s = await self._read(self.store.stats)
+        live = await self._live_nodes()
+        return pb.StatsResponse(
+            files=s.files,
+            bytes=s.bytes,
+            unique_chunks=s.unique_chunks,
+            unique_bytes=s.unique_bytes,
+            nodes=len(live),
+            capacity=sum(n.capacity for n in live),
+            used=sum(n.used for n in live),
+            pinned_files=s.pinned_files,
+            store_url=self.store_url,
+        )
+
+    @_unary
+    async def GetConfig(self, request: pb.ConfigRequest, context: grpc.aio.ServicerContext) -> pb.ConfigResponse:
+        return pb.ConfigResponse(store_url=self.store_url)

@@ -1,0 +1,93 @@
+"""Shared fixtures: a real one-host cluster (metadata service + nodes as subprocesses)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+
+import pytest
+
+from sdcache.cluster import LocalCluster
+
+AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """A real S3-compatible server (moto in server mode) on a free port."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server._server.server_address[:2]  # type: ignore[union-attr]
+    endpoint = f"http://{host}:{port}"
+    saved = {k: os.environ.get(k) for k in [*AWS_ENV, "AWS_ENDPOINT_URL"]}
+    os.environ.update(AWS_ENV, AWS_ENDPOINT_URL=endpoint)
+    yield endpoint
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _make_cluster(tmp: str, nodes: int, capacity: int, env: dict[str, str] | None = None) -> LocalCluster:
+    pool_root = tempfile.mkdtemp(prefix="sdcache-test-pool-", dir="/dev/shm")
+    return LocalCluster(os.path.join(tmp, "meta"), nodes=nodes, capacity=capacity, heartbeat_interval=0.3,
+                        pool_root=pool_root, env=env or {})
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory, s3_server: str) -> Iterator[LocalCluster]:
+    """A session-wide cluster of three 1 GiB nodes (S3 endpoint set for read-through)."""
+    c = _make_cluster(str(tmp_path_factory.mktemp("cluster")), 3, 1 << 30,
+                      env={**AWS_ENV, "AWS_ENDPOINT_URL": s3_server})
+    with c:
+        yield c
+    shutil.rmtree(c.pool_root, ignore_errors=True)
+
+
+@pytest.fixture
+def make_cluster(tmp_path: object) -> Iterator[object]:
+    """Factory for private clusters with a chosen node count and capacity."""
+    made: list[LocalCluster] = []
+
+    def make(nodes: int = 2, capacity: int = 1 << 30) -> LocalCluster:
+        c = _make_cluster(os.path.join(str(tmp_path), f"c{len(made)}"), nodes, capacity)
+        made.append(c)
+        return c.start()
+
+    yield make
+    for c in made:
+        c.stop()
+        shutil.rmtree(c.pool_root, ignore_errors=True)
+
+
+@pytest.fixture
+def own_cluster(tmp_path: object) -> Iterator[LocalCluster]:
+    """A private three-node cluster for tests that kill or corrupt things."""
+    c = _make_cluster(str(tmp_path), 3, 1 << 30)
+    with c:
+        yield c
+    shutil.rmtree(c.pool_root, ignore_errors=True)
+
+
+def run_cli(*args: str, meta: str | None = None, input: bytes | None = None,
+            check: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run the real ``sdcache`` command line in a subprocess."""
+    argv = [sys.executable, "-m", "sdcache", *args]
+    if meta:
+        argv[3:3] = ["--meta", meta]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"sdcache {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
+    return proc

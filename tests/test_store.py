@@ -1,0 +1,328 @@
+"""Contract suite for :class:`sdcache.store.MetaStore` implementations.
+
+Every test runs against each implementation in ``STORES``; a new backend
+(a networked database) joins by adding a factory there.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from sdcache import errors
+from sdcache.chunking import CHUNK_SIZE, ChunkRef
+from sdcache.hashing import chunk_id
+from sdcache.manifest import Manifest
+from sdcache.store import MAX_PAGE_SIZE, MetaStore, NodeRecord, SqliteStore
+
+StoreFactory = Callable[[], MetaStore]
+
+
+def _sqlite(tmp_path: Path) -> StoreFactory:
+    return lambda: SqliteStore(tmp_path / "meta.db")
+
+
+STORES = {"sqlite": _sqlite}
+
+
+@pytest.fixture(params=sorted(STORES))
+def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreFactory]:
+    """A factory opening the same store again each call (for reopen tests)."""
+    opened: list[MetaStore] = []
+    factory = STORES[request.param](tmp_path)
+
+    def open_() -> MetaStore:
+        opened.append(factory())
+        return opened[-1]
+
+    yield open_
+    for s in opened:
+        s.close()
+
+
+@pytest.fixture
+def store(open_store: StoreFactory) -> MetaStore:
+    return open_store()
+
+
+def manifest(path: str, lengths: tuple[int, ...] = (100,), *, seed: str = "", ids: list[str] | None = None) -> Manifest:
+    """A valid manifest whose chunk ids derive from *seed* (default: the path)."""
+    chunks, pos = [], 0
+    for i, n in enumerate(lengths):
+        cid = ids[i] if ids else chunk_id(f"{seed or path}#{i}".encode())
+        chunks.append(ChunkRef(pos, n, cid))
+        pos += n
+    return Manifest(
+        path=path,
+        size=pos,
+        mtime=1700000000.5,
+        source=f"file:///src{path}",
+        version_tag=f"1700000000.5:{pos}",
+        sha256="ab" * 32,
+        chunks=chunks,
+        kind="lora",
+        base="sd1",
+        metadata={"ss_network_dim": "16"},
+    )
+
+
+# -- namespace ---------------------------------------------------------------
+
+
+def test_commit_then_manifest_round_trips_every_field(store: MetaStore) -> None:
+    m = manifest("/models/a.safetensors", (CHUNK_SIZE, 10))
+    gen = store.commit(m)
+    got = store.get_manifest("models/a.safetensors")
+    assert got.generation == gen == m.generation > 0
+    for field in ("path", "size", "mtime", "source", "version_tag", "sha256", "chunks", "kind", "base", "metadata"):
+        assert getattr(got, field) == getattr(m, field), field
+    entry = store.stat("sdcache://models/a.safetensors")
+    assert (entry.is_dir, entry.size, entry.kind) == (False, CHUNK_SIZE + 10, "lora")
+    assert (entry.chunk_count, entry.generation) == (2, gen)
+
+
+def test_generations_increase_and_recommit_replaces(store: MetaStore) -> None:
+    g1 = store.commit(manifest("/a"))
+    g2 = store.commit(manifest("/b"))
+    g3 = store.commit(manifest("/a", (5, 7), seed="v2"))
+    assert g1 < g2 < g3
+    assert store.stat("/a").size == 12
+    assert store.get_manifest("/a").chunks[1].id == chunk_id(b"v2#1")
+    assert [e.path for e in store.list_dir("/")[0]] == ["/a", "/b"]
+
+
+def test_directories_are_implicit(store: MetaStore) -> None:
+    store.commit(manifest("/m/sd15/x.safetensors", (10,)))
+    store.commit(manifest("/m/sd15/y.safetensors", (20,)))
+    store.commit(manifest("/m/z.bin", (5,)))
+    assert store.stat("/m").is_dir and store.stat("/m/sd15").is_dir
+    assert store.stat("/m").size == 35 and store.stat("/").size == 35
+    entries, token = store.list_dir("/m")
+    assert [(e.path, e.is_dir) for e in entries] == [("/m/sd15", True), ("/m/z.bin", False)] and token == ""
+    store.delete("/m/sd15/x.safetensors")
+    assert store.stat("/m/sd15").size == 20
+    store.delete("/m/sd15/y.safetensors")
+    with pytest.raises(errors.NotFound):
+        store.stat("/m/sd15")
+    assert [e.path for e in store.list_dir("/m")[0]] == ["/m/z.bin"]
+    store.delete("/m/z.bin")
+    with pytest.raises(errors.NotFound):
+        store.stat("/m")
+    assert store.stat("/").is_dir and store.list_dir("/") == ([], "")
+
+
+def test_list_pages_by_name_over_many_entries(store: MetaStore) -> None:
+    names = [f"f{i:05d}" for i in range(2500)]
+    todo = [manifest(f"/big/{n}/inner" if i % 10 == 0 else f"/big/{n}", (1,)) for i, n in enumerate(names)]
+    with ThreadPoolExecutor(8) as pool:  # concurrent writers share fsyncs
+        assert len(set(pool.map(store.commit, todo))) == 2500
+    seen, token, pages = [], "", 0
+    while True:
+        entries, token = store.list_dir("/big", token, 300)
+        assert len(entries) <= 300
+        seen.extend(entries)
+        pages += 1
+        if not token:
+            break
+        assert token == entries[-1].path.rsplit("/", 1)[1]
+    assert pages == 9
+    assert [e.path for e in seen] == [f"/big/{n}" for n in names]
+    assert [e.is_dir for e in seen] == [i % 10 == 0 for i in range(2500)]
+    assert len(store.list_dir("/big", "", 10**9)[0]) == min(2500, MAX_PAGE_SIZE)
+    assert len(store.list_dir("/big")[0]) == 1000  # the default page
+
+
+def test_list_of_a_file_is_that_file_and_missing_is_not_found(store: MetaStore) -> None:
+    store.commit(manifest("/d/f"))
+    entries, token = store.list_dir("/d/f")
+    assert [e.path for e in entries] == ["/d/f"] and token == ""
+    with pytest.raises(errors.NotFound):
+        store.list_dir("/nope")
+    with pytest.raises(errors.NotFound):
+        store.stat("/d/nope")
+    with pytest.raises(errors.NotFound):
+        store.get_manifest("/d/nope")
+    with pytest.raises(errors.IsADirectory):
+        store.get_manifest("/d")
+
+
+def test_file_and_directory_cannot_share_a_path(store: MetaStore) -> None:
+    store.commit(manifest("/a/b/c"))
+    with pytest.raises(errors.IsADirectory):
+        store.commit(manifest("/a/b"))
+    with pytest.raises(errors.NotADirectory):
+        store.commit(manifest("/a/b/c/d"))
+    with pytest.raises(errors.IsADirectory):
+        store.commit(manifest("/"))
+    assert [e.path for e in store.list_dir("/a/b")[0]] == ["/a/b/c"]
+    assert store.stats().files == 1
+
+
+@pytest.mark.parametrize("bad", ["../x", "a//b", "/a/./b", "a\x00b"])
+def test_invalid_paths_are_rejected_everywhere(store: MetaStore, bad: str) -> None:
+    for call in (
+        lambda: store.stat(bad),
+        lambda: store.get_manifest(bad),
+        lambda: store.list_dir(bad),
+        lambda: store.commit(manifest(bad)),
+        lambda: store.delete(bad),
+        lambda: store.pin(bad),
+        lambda: store.resolve_files(bad),
+    ):
+        with pytest.raises(errors.InvalidPath):
+            call()
+
+
+def test_invalid_manifests_are_rejected(store: MetaStore) -> None:
+    gap = manifest("/gap", (10, 10))
+    gap.chunks[1] = ChunkRef(11, 9, gap.chunks[1].id)
+    short = manifest("/short", (10,))
+    short.size = 11
+    big = manifest("/big", (CHUNK_SIZE + 1,))
+    bad_id = manifest("/badid", (10,), ids=["XYZ"])
+    for m in (gap, short, big, bad_id):
+        with pytest.raises(errors.InvalidArgument):
+            store.commit(m)
+    with pytest.raises(errors.NotFound):
+        store.stat("/gap")
+    assert store.stats().files == 0
+
+
+def test_empty_file_is_a_valid_manifest(store: MetaStore) -> None:
+    store.commit(manifest("/empty", ()))
+    assert store.stat("/empty").size == 0 and store.get_manifest("/empty").chunks == []
+
+
+def test_delete_file_directory_and_root(store: MetaStore) -> None:
+    for p in ("/x/1", "/x/2", "/x/y/3", "/xa", "/z"):
+        store.commit(manifest(p))
+    with pytest.raises(errors.IsADirectory):
+        store.delete("/x")
+    assert store.delete("/x", recursive=True) == 3
+    assert [e.path for e in store.list_dir("/")[0]] == ["/xa", "/z"]  # a sibling sharing the prefix survives
+    with pytest.raises(errors.NotFound):
+        store.delete("/x")
+    assert store.delete("/z") == 1
+    assert store.delete("/", recursive=True) == 1
+    assert store.delete("/") == 0  # the empty root
+    assert store.stats().files == 0 and store.stat("/").size == 0
+
+
+def test_resolve_files(store: MetaStore) -> None:
+    for p in ("/r/b", "/r/a", "/r/s/c"):
+        store.commit(manifest(p))
+    assert [m.path for m in store.resolve_files("/r", recursive=True)] == ["/r/a", "/r/b", "/r/s/c"]
+    assert [m.path for m in store.resolve_files("/r/a")] == ["/r/a"]
+    with pytest.raises(errors.IsADirectory):
+        store.resolve_files("/r")
+    with pytest.raises(errors.NotFound):
+        store.resolve_files("/q", recursive=True)
+
+
+# -- pins --------------------------------------------------------------------
+
+
+def test_pins_and_pinned_chunks(store: MetaStore) -> None:
+    shared = chunk_id(b"shared")
+    store.commit(manifest("/p/a", (10, 10), ids=[shared, chunk_id(b"a")]))
+    store.commit(manifest("/p/b", (10, 10), ids=[shared, chunk_id(b"b")]))
+    store.commit(manifest("/q", (10,)))
+    g0, ids = store.pinned_chunks()
+    assert ids == b"" and g0 == store.pins_generation()
+    with pytest.raises(errors.IsADirectory):
+        store.pin("/p")
+    assert store.pin("/p", recursive=True) == 2
+    g1, ids = store.pinned_chunks()
+    assert g1 > g0
+    assert sorted(ids[i : i + 16] for i in range(0, len(ids), 16)) == sorted(
+        bytes.fromhex(c) for c in (shared, chunk_id(b"a"), chunk_id(b"b"))
+    )
+    assert store.pin("/p/a") == 1 and store.pins_generation() == g1  # already pinned: no change
+    store.commit(manifest("/q", (3,), seed="q2"))
+    assert store.pins_generation() == g1  # an unpinned file changing does not matter
+    store.commit(manifest("/p/a", (10,), ids=[chunk_id(b"a2")]))
+    g2 = store.pins_generation()
+    assert g2 > g1
+    assert bytes.fromhex(chunk_id(b"a2")) in store.pinned_chunks()[1]
+    assert store.unpin("/p/b") == 1
+    g3 = store.pins_generation()
+    assert g3 > g2 and bytes.fromhex(chunk_id(b"b")) not in store.pinned_chunks()[1]
+    assert store.unpin("/p/b") == 0 and store.pins_generation() == g3
+    assert store.stats().pinned_files == 1
+    store.delete("/p", recursive=True)
+    assert store.pins_generation() > g3
+    assert store.pinned_chunks()[1] == b"" and store.stats().pinned_files == 0
+    store.commit(manifest("/p/a", (10,)))
+    assert store.pinned_chunks()[1] == b""  # a pin goes with its file
+
+
+# -- totals ------------------------------------------------------------------
+
+
+def test_stats_count_unique_chunks_across_files(store: MetaStore) -> None:
+    shared = chunk_id(b"vae")
+    store.commit(manifest("/m1", (1000, 10), ids=[shared, chunk_id(b"m1")]))
+    store.commit(manifest("/m2", (1000, 20), ids=[shared, chunk_id(b"m2")]))
+    s = store.stats()
+    assert (s.files, s.bytes, s.unique_chunks, s.unique_bytes) == (2, 2030, 3, 1030)
+    store.commit(manifest("/m2", (20,), ids=[chunk_id(b"m2")]))  # a new version drops the shared chunk
+    s = store.stats()
+    assert (s.files, s.bytes, s.unique_chunks, s.unique_bytes) == (2, 1030, 3, 1030)
+    store.delete("/m1")
+    s = store.stats()
+    assert (s.files, s.bytes, s.unique_chunks, s.unique_bytes) == (1, 20, 1, 20)
+
+
+# -- nodes -------------------------------------------------------------------
+
+
+def test_node_registry(store: MetaStore) -> None:
+    store.register_node(NodeRecord("n2", "10.0.0.2:7071", 8 << 30, "gpu", "h2", "/dev/shm/p", last_seen=100.0))
+    store.register_node(NodeRecord("n1", "10.0.0.1:7071", 4 << 30, last_seen=100.0))
+    assert store.heartbeat("n1", 123, 4, 105.0) is True
+    assert store.heartbeat("ghost", 0, 0, 105.0) is False
+    nodes = store.list_nodes()
+    assert [n.node_id for n in nodes] == ["n1", "n2"]
+    assert (nodes[0].used, nodes[0].chunks, nodes[0].last_seen) == (123, 4, 105.0)
+    assert nodes[1].info().role == "gpu" and nodes[1].pool_dir == "/dev/shm/p"
+    # a node restarted under a new id at the same address replaces the old entry
+    store.register_node(NodeRecord("n1b", "10.0.0.1:7071", 4 << 30, last_seen=110.0))
+    assert [n.node_id for n in store.list_nodes()] == ["n1b", "n2"]
+
+
+# -- durability and concurrency ---------------------------------------------
+
+
+def test_data_survives_reopen(open_store: StoreFactory) -> None:
+    first = open_store()
+    gen = first.commit(manifest("/keep/me", (7,)))
+    first.pin("/keep/me")
+    first.register_node(NodeRecord("n", "h:1", 10, last_seen=1.0))
+    first.close()
+    second = open_store()
+    assert second.stat("/keep/me").generation == gen
+    assert second.stats().pinned_files == 1 and [n.node_id for n in second.list_nodes()] == ["n"]
+    assert second.commit(manifest("/keep/other")) > gen
+
+
+def test_concurrent_commits_get_distinct_generations(store: MetaStore) -> None:
+    gens: list[int] = []
+    lock = threading.Lock()
+
+    def work(t: int) -> None:
+        for i in range(25):
+            g = store.commit(manifest(f"/t{t}/f{i}"))
+            assert store.stat(f"/t{t}/f{i}").generation == g  # read-your-write from another thread
+            with lock:
+                gens.append(g)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert len(set(gens)) == 100 and store.stats().files == 100
