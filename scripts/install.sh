@@ -14,3 +14,6 @@ PY=${PYTHON:-python3}
 # torch first, pinned to the CPU build this image ships, so no extra pulls a CUDA build.
 $PY -m pip install -q --disable-pip-version-check 'torch==2.13.0' || $PY -m pip install -q 'torch>=2.3'
 $PY -m pip install -q --disable-pip-version-check -e '.[test,s3,fuse,runner,triton]'
+# The CLIP BPE vocabulary ships inside open_clip_torch; only that file is read, so skip its
+# dependencies (its torchvision pin would pull a second, CUDA torch).
+$PY -m pip install -q --disable-pip-version-check --no-deps open_clip_torch
