@@ -18,10 +18,12 @@ import grpc
 from sdcache import DEFAULT_META, errors
 from sdcache._proto import meta_pb2 as pb
 from sdcache._proto import meta_pb2_grpc as pbg
-from sdcache.manifest import Entry, Manifest, pack_chunks, unpack_chunks
+from sdcache.manifest import Entry, Manifest
+from sdcache.meta.convert import ERROR_TRAILER
+from sdcache.meta.convert import entry_from_proto as entry_from_pb
+from sdcache.meta.convert import manifest_from_proto as manifest_from_pb
+from sdcache.meta.convert import manifest_to_proto as manifest_to_pb
 from sdcache.placement import NodeInfo
-
-ERROR_TRAILER = "sdcache-error"
 NODE_LIST_TTL = 2.0  # seconds a node list is trusted before asking again
 
 
@@ -42,51 +44,6 @@ def translate(exc: grpc.RpcError, address: str) -> errors.SdcacheError:
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and not name:
         return errors.Unavailable(f"metadata service at {address} is unreachable ({code.name.lower()})")
     return errors.from_wire(name, details, grpc_code=code.name if code else None)
-
-
-def manifest_from_pb(m: pb.Manifest) -> Manifest:
-    return Manifest(
-        path=m.path,
-        size=m.size,
-        mtime=m.mtime,
-        source=m.source,
-        version_tag=m.version_tag,
-        sha256=m.sha256,
-        chunks=unpack_chunks(m.chunks),
-        kind=m.kind,
-        base=m.base,
-        metadata=dict(m.metadata),
-        generation=m.generation,
-    )
-
-
-def manifest_to_pb(m: Manifest) -> pb.Manifest:
-    return pb.Manifest(
-        path=m.path,
-        size=m.size,
-        mtime=m.mtime,
-        source=m.source,
-        version_tag=m.version_tag,
-        sha256=m.sha256,
-        chunks=pack_chunks(m.chunks),
-        kind=m.kind,
-        base=m.base,
-        metadata=m.metadata,
-        generation=m.generation,
-    )
-
-
-def entry_from_pb(e: pb.Entry) -> Entry:
-    return Entry(
-        path=e.path,
-        is_dir=e.is_dir,
-        size=e.size,
-        mtime=e.mtime,
-        kind=e.kind,
-        sha256=e.sha256,
-        generation=e.generation,
-        chunk_count=e.chunk_count,
-    )
 
 
 def node_from_pb(n: pb.Node) -> NodeInfo:
