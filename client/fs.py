@@ -116,9 +116,11 @@ class SdcacheFileSystem(AbstractFileSystem):
         path = self._strip_protocol(path)
         if "r" in mode:
             return SdcacheFile(self, self.meta.manifest(path), readahead=self.readahead)
-        if "w" in mode:
+        if "x" in mode and self.exists(path):
+            raise errors.AlreadyExists(f"file exists: {path}")
+        if "w" in mode or "x" in mode:
             return SdcacheWriteFile(self, path)
-        raise errors.InvalidArgument(f"mode {mode!r} is not supported (use 'rb', or 'wb' to upload)")
+        raise errors.InvalidArgument(f"mode {mode!r} is not supported (use 'rb', or 'wb'/'xb' to upload)")
 
     def cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
         m = self.manifest(path)
@@ -128,9 +130,13 @@ class SdcacheFileSystem(AbstractFileSystem):
         return bytes(buf)
 
     def get_file(self, rpath: str, lpath: str, callback: Any = None, outfile: Any = None, **kwargs: Any) -> None:
+        if self.isdir(rpath):
+            os.makedirs(lpath, exist_ok=True)
+            return
         if os.path.isdir(lpath):
             lpath = os.path.join(lpath, os.path.basename(self._strip_protocol(rpath)))
         m = self.manifest(rpath)
+        os.makedirs(os.path.dirname(os.path.abspath(lpath)), exist_ok=True)
         if callback is not None:
             callback.set_size(m.size)
         buf = bytearray(min(GET_WINDOW, max(m.size, 1)))
@@ -156,11 +162,14 @@ class SdcacheFileSystem(AbstractFileSystem):
             self._store_url = self.meta.store_url().rstrip("/")
         return self._store_url
 
-    def put_file(self, lpath: str, rpath: str, callback: Any = None, **kwargs: Any) -> None:
+    def put_file(self, lpath: str, rpath: str, callback: Any = None, mode: str = "overwrite",
+                 **kwargs: Any) -> None:
         """Copy local *lpath* into the cluster's own store, then import it at *rpath*."""
         if os.path.isdir(lpath):
             return
         rpath = self._strip_protocol(rpath)
+        if mode == "create" and self.exists(rpath):
+            raise errors.AlreadyExists(f"file exists: {rpath}")
         old = self._existing_source(rpath)
         obj = f"{self.store_url()}/{uuid.uuid4().hex}-{os.path.basename(rpath)}"
         fs, opath = fsspec.core.url_to_fs(obj)
@@ -173,7 +182,9 @@ class SdcacheFileSystem(AbstractFileSystem):
             raise
         self._remove_object(old)
 
-    def pipe_file(self, path: str, value: bytes, **kwargs: Any) -> None:
+    def pipe_file(self, path: str, value: bytes, mode: str = "overwrite", **kwargs: Any) -> None:
+        if mode == "create" and self.exists(path):
+            raise errors.AlreadyExists(f"file exists: {self._strip_protocol(path)}")
         with tempfile.NamedTemporaryFile(prefix="sdcache-pipe-") as tmp:
             tmp.write(value)
             tmp.flush()
@@ -195,6 +206,24 @@ class SdcacheFileSystem(AbstractFileSystem):
         except FileNotFoundError:
             pass
 
+    def cp_file(self, path1: str, path2: str, **kwargs: Any) -> None:
+        """Copy within the cache: a new manifest naming the same chunks (no bytes move)."""
+        if self.isdir(path1):
+            return  # directories are implicit
+        m = self.manifest(path1)
+        src = m.source
+        if src.startswith(self.store_url() + "/"):
+            # The copy gets an object of its own, so removing either file never breaks the other.
+            fs, opath = fsspec.core.url_to_fs(src)
+            src = f"{self.store_url()}/{uuid.uuid4().hex}-{os.path.basename(path2)}"
+            fs.cp_file(opath, fsspec.core.url_to_fs(src)[1])
+        dest = self._strip_protocol(path2)
+        old = self._existing_source(dest)
+        m.path, m.source, m.generation = dest, src, 0
+        self.meta.commit(m)
+        if old != src:
+            self._remove_object(old)
+
     def rm_file(self, path: str) -> None:
         path = self._strip_protocol(path)
         source = self._existing_source(path)
@@ -205,9 +234,8 @@ class SdcacheFileSystem(AbstractFileSystem):
         for p in path if isinstance(path, list) else [path]:
             p = self._strip_protocol(p)
             if recursive and self.isdir(p):
-                for f in self.find(p):
+                for f in self.find(p):  # file by file, so uploaded objects go too
                     self.rm_file(f)
-                self.meta.delete(p, recursive=True)
             else:
                 self.rm_file(p)
 
