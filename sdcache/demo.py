@@ -21,6 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="./sdcache-demo", help="where the cluster and the model go (default ./sdcache-demo)")
     p.add_argument("--model-size", default="256MiB", help="size of the generated checkpoint (2GiB = real SD1.5)")
     p.add_argument("--keep-running", action="store_true", help="leave the cluster up afterwards (Ctrl-C stops it)")
+    p.add_argument("--pool-root", default="/dev/shm/sdcache-demo", help="parent of the nodes' pool directories")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -45,7 +46,7 @@ def main(args: argparse.Namespace) -> int:
         capacity = max(default_capacity(2), 2 * size)
         print(f"[2/5] starting a one-host cluster: metadata service + 2 nodes ({format_size(capacity)} each)")
         cluster = LocalCluster(os.path.join(data, "cluster"), nodes=2, capacity=capacity,
-                               pool_root=os.path.join("/dev/shm", "sdcache-demo"))
+                               pool_root=args.pool_root)
         cluster.start()
         meta = cluster.meta_addr
     else:
@@ -99,7 +100,7 @@ def _run(meta: str, model: str, size: int, cluster: object, args: argparse.Names
     print(f"  sdcache --meta {meta} nodes                # pool use per node")
     print(f"  python -c \"import fsspec; print(fsspec.filesystem('sdcache', meta='{meta}').ls('/demo'))\"")
     if cluster is not None:
-        print(f"  logs and metadata: {os.path.join(os.path.dirname(model), 'cluster')}; pools under /dev/shm/sdcache-demo")
+        print(f"  logs and metadata: {os.path.join(os.path.dirname(model), 'cluster')}; pools under {args.pool_root}")
         if args.keep_running:
             print("The cluster keeps running; Ctrl-C stops it.")
             try:
