@@ -237,7 +237,7 @@ def test_vanished_source_is_410(nodes, tmp_path):
 
 def test_bad_requests_are_400(nodes):
     node = nodes()
-    for bad in ("XYZ", "A" * 32, "0" * 31):
+    for bad in ("XYZ", "A" * 32, "0" * 31, "0" * 32 + "%0A"):
         status, _, body = node.get(bad)
         assert status == 400 and isinstance(error_of(body), errors.InvalidArgument), bad
     status, _, body = node.get("0" * 32, src="/x")  # src without off/len
