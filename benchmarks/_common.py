@@ -23,13 +23,31 @@ def median_time(fn: Callable[[], Any], repeat: int = 3, setup: Callable[[], Any]
 
 
 def drop_page_cache(path: str) -> None:
-    """Evict *path* from the page cache (POSIX_FADV_DONTNEED works on clean pages without root)."""
+    """Evict *path* from the page cache: POSIX_FADV_DONTNEED, plus drop_caches when root."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("1\n")
+    except OSError:
+        pass
+
+
+def touch_tensors(tensors: dict) -> None:
+    """Read one element per 4 KiB page of every tensor.
+
+    ``safetensors.torch.load_file`` maps the file lazily, so its tensors are
+    not in memory until used; touching every page makes "loaded" mean the
+    same thing for every loader compared.
+    """
+    for t in tensors.values():
+        flat = t.reshape(-1)
+        if flat.numel():
+            flat[:: max(1, 4096 // t.element_size())].sum()
 
 
 def warm_page_cache(path: str) -> None:

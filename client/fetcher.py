@@ -40,7 +40,9 @@ from .underfs import read_range
 log = logging.getLogger(__name__)
 
 SUSPECT_SECONDS = 5.0  # a node that failed is tried last for this long
-DEFAULT_THREADS = 16
+# Parallel chunk fetches per client. Measured on 2 cores: 8 threads beat 16 (GIL
+# contention); more cores or longer network paths want more.
+DEFAULT_THREADS = min(32, 4 * (os.cpu_count() or 2))
 
 
 class Fetcher:

@@ -24,6 +24,7 @@ from sdcache import errors, paths
 from sdcache.chunking import CHUNK_SIZE
 from sdcache.manifest import Entry, Manifest
 
+from ._buffers import filled_bytes
 from .fetcher import Fetcher
 from .importer import import_file
 from .metaclient import MetaClient, shared_client
@@ -125,9 +126,7 @@ class SdcacheFileSystem(AbstractFileSystem):
     def cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
         m = self.manifest(path)
         start, end = _clip(start, end, m.size)
-        buf = bytearray(max(end - start, 0))
-        self.fetcher.read_into(m, start, memoryview(buf))
-        return bytes(buf)
+        return filled_bytes(end - start, lambda out: self.fetcher.read_into(m, start, out))
 
     def get_file(self, rpath: str, lpath: str, callback: Any = None, outfile: Any = None, **kwargs: Any) -> None:
         if self.isdir(rpath):
@@ -272,9 +271,7 @@ class SdcacheFile(AbstractBufferedFile):
         self._last_end = -1
 
     def _fetch_range(self, start: int, end: int) -> bytes:
-        buf = bytearray(end - start)
-        self._read_into(start, memoryview(buf))
-        return bytes(buf)
+        return filled_bytes(end - start, lambda out: self._read_into(start, out))
 
     def read(self, length: int = -1) -> bytes:
         if self.closed:
@@ -284,10 +281,9 @@ class SdcacheFile(AbstractBufferedFile):
         n = max(0, min(length, self.size - self.loc))
         if n == 0:
             return b""
-        buf = bytearray(n)
-        self._read_into(self.loc, memoryview(buf))
+        data = filled_bytes(n, lambda out: self._read_into(self.loc, out))
         self.loc += n
-        return bytes(buf)
+        return data
 
     def readinto(self, b: Any) -> int:
         if self.closed:
