@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from sdcache import errors
-from sdcache.safetensors_header import HEADER_LEN, HeaderError, parse_header
+from sdcache.safetensors_header import HEADER_LEN, Header, HeaderError, parse_header
 
 if TYPE_CHECKING:
     import torch
@@ -40,10 +41,18 @@ def load_safetensors(url: str, device: str = "cpu", *, meta: str | None = None) 
     import torch
 
     if url.startswith("sdcache://"):
+        from ._mapped import load_mapped
         from .fs import SdcacheFileSystem
 
         fs = SdcacheFileSystem(meta=meta)
         manifest = fs.manifest(url)
+        if fs.fetcher.short_circuit:
+            try:
+                mapped = load_mapped(fs.fetcher, manifest, url)
+            except HeaderError as exc:
+                raise errors.InvalidArgument(f"{url}: not a safetensors file ({exc})") from None
+            if mapped is not None:
+                return _to_device(mapped, device)
         buf = torch.empty(manifest.size, dtype=torch.uint8)
         fs.fetcher.read_into(manifest, 0, memoryview(buf.numpy()))
     elif "://" in url and not url.startswith("file://"):
@@ -77,14 +86,29 @@ def tensors_from_buffer(buf: "torch.Tensor", name: str, device: str = "cpu") -> 
         header = parse_header(bytes(buf[HEADER_LEN.size : HEADER_LEN.size + n].numpy()), size)
     except HeaderError as exc:
         raise errors.InvalidArgument(f"{name}: not a safetensors file ({exc})") from None
+    return _to_device(tensor_views(buf, header, lambda begin: begin), device)
+
+
+def tensor_views(flat: "torch.Tensor", header: Header, where: Callable[[int], int]) -> dict[str, "torch.Tensor"]:
+    """A view into uint8 tensor *flat* for every tensor of *header*.
+
+    *where* maps a tensor's file offset to its offset in *flat* (the identity
+    for a file read whole; something else for the mapped layout).
+    """
+    import torch
+
     out: dict[str, Any] = {}
     for t in header.tensors:
         dtype = getattr(torch, _DTYPES[t.dtype])
-        raw = buf[t.begin : t.end]
-        itemsize = torch.empty(0, dtype=dtype).element_size()
-        if t.begin % itemsize:
+        at = where(t.begin) if t.end > t.begin else 0
+        raw = flat[at : at + t.nbytes]
+        if at % dtype.itemsize:
             raw = raw.clone()  # misaligned in the file: one copy of this tensor
         out[t.name] = raw.view(dtype).reshape(t.shape)
-    if device != "cpu":
-        out = {k: v.to(device, non_blocking=True) for k, v in out.items()}
     return out
+
+
+def _to_device(tensors: dict[str, "torch.Tensor"], device: str) -> dict[str, "torch.Tensor"]:
+    if device == "cpu":
+        return tensors
+    return {k: v.to(device, non_blocking=True) for k, v in tensors.items()}

@@ -195,3 +195,34 @@ def test_concurrent_readers_get_identical_bytes(cluster, checkpoint):
     for t in threads:
         t.join()
     assert results == [digest] * 4
+
+
+def test_same_host_load_maps_the_pool_verifies_and_never_writes_it(own_cluster, tmp_path):
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import load_file
+
+    from sdcache.client import load_safetensors
+
+    src = str(tmp_path / "m.safetensors")
+    write_sd_checkpoint(src, 0.01, unet_seed=12)
+    meta = own_cluster.meta_addr
+    run_cli("import", src, "/map/m.safetensors", "--warm", meta=meta, check=True)
+    m = MetaClient(meta).manifest("/map/m.safetensors")
+    pool_files = [p for ref in m.chunks for i in range(3)
+                  if os.path.exists(p := chunk_path(os.path.join(own_cluster.pool_root, f"node{i}"), ref.id))]
+    assert len(pool_files) >= len(m.chunks)
+    victim = pool_files[len(pool_files) // 2]
+    with open(victim, "r+b") as f:  # corrupt one pooled chunk in place
+        f.seek(100)
+        f.write(b"\xff\xfe")
+    fs = SdcacheFileSystem(meta=meta)
+    fs.fetcher.tiers.clear()
+    got = load_safetensors("sdcache://map/m.safetensors", meta=meta)
+    assert fs.fetcher.tiers["local"] >= len(m.chunks) - 2  # mapped, not copied
+    want = load_file(src)
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    before = {p: open(p, "rb").read() for p in pool_files if p != victim}
+    for t in got.values():
+        t.zero_()  # tensors are writable; the pool never changes
+    assert all(open(p, "rb").read() == data for p, data in before.items())
