@@ -19,7 +19,7 @@ from sdcache import DEFAULT_META, errors
 from sdcache._proto import meta_pb2 as pb
 from sdcache._proto import meta_pb2_grpc as pbg
 from sdcache.manifest import Entry, Manifest
-from sdcache.meta.convert import ERROR_TRAILER
+from sdcache.meta.convert import ERROR_TRAILER, error_from_rpc
 from sdcache.meta.convert import entry_from_proto as entry_from_pb
 from sdcache.meta.convert import manifest_from_proto as manifest_from_pb
 from sdcache.meta.convert import manifest_to_proto as manifest_to_pb
@@ -33,17 +33,12 @@ def resolve_address(meta: str | None = None) -> str:
 
 
 def translate(exc: grpc.RpcError, address: str) -> errors.SdcacheError:
-    """Rebuild the sdcache error a servicer raised from its status and trailer."""
-    code = exc.code() if hasattr(exc, "code") else None
-    name = None
-    trailers = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
-    for key, value in trailers or ():
-        if key == ERROR_TRAILER:
-            name = value
-    details = (exc.details() if hasattr(exc, "details") else "") or ""
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and not name:
+    """The sdcache error a servicer raised; an unreachable service says where it looked."""
+    code = exc.code()  # type: ignore[attr-defined]
+    named = dict(exc.trailing_metadata() or ()).get(ERROR_TRAILER)  # type: ignore[attr-defined]
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and not named:
         return errors.Unavailable(f"metadata service at {address} is unreachable ({code.name.lower()})")
-    return errors.from_wire(name, details, grpc_code=code.name if code else None)
+    return error_from_rpc(exc)
 
 
 def node_from_pb(n: pb.Node) -> NodeInfo:
