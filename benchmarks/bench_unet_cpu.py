@@ -22,9 +22,11 @@ import argparse
 import copy
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -128,11 +130,29 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
     ap.add_argument("--no-warm-compile", action="store_true", help="skip the warm-cache compile in a new process")
     ap.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    ap.add_argument("--cache-dir", help="inductor cache directory (default: a fresh temporary one, so the "
+                    "first compile is cold and the child process's is warm)")
     ap.add_argument("--compile-only", metavar="DTYPE", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.compile_only:
         compile_only(args.compile_only)
         return
+    tmp_cache = None
+    if not args.no_compile:
+        if args.cache_dir is None:
+            tmp_cache = args.cache_dir = tempfile.mkdtemp(prefix="sdcache-bench-inductor-")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = args.cache_dir
+    try:
+        run(args)
+    finally:
+        if tmp_cache is not None:
+            shutil.rmtree(tmp_cache, ignore_errors=True)
+
+
+def run(args: argparse.Namespace) -> None:
 
     from sdcache.kernels import ops
     from sdcache.kernels.optimize import describe, optimize, weights_changed
@@ -206,7 +226,8 @@ def main() -> None:
     if not args.no_compile and not args.no_warm_compile:
         env = dict(os.environ)
         proc = subprocess.run(
-            [sys.executable, __file__, "--compile-only", str(dtype).replace("torch.", "")],
+            [sys.executable, __file__, "--compile-only", str(dtype).replace("torch.", ""),
+             "--threads", str(torch.get_num_threads())],
             capture_output=True, text=True, env=env, check=False,
         )
         try:

@@ -9,7 +9,8 @@
 - every ``Transformer2DModel`` keeps its output channels-last (stock copies it to NCHW) and,
   on CPU, adds its residual inside ``proj_out``;
 - every ``Attention`` with the stock processor computes Q/K/V (or K/V for cross-attention)
-  with one GEMM over concatenated weights and attends with SDPA;
+  with one GEMM over concatenated weights and attends with SDPA -- or, on CPUs with
+  AVX512-BF16 and no AMX, with our bf16 flash kernel (``cpu_attention``), twice as fast there;
 - on CPU, every Conv2d weight (bf16 or fp32) and every Linear weight (bf16) is pre-packed
   for oneDNN once, instead of being reordered on every call;
 - optionally ``torch.compile`` (inductor) over the denoiser's forward, which fuses the
@@ -29,13 +30,18 @@ Parameters stay graph *inputs*, so in-place edits never invalidate a compiled gr
 FX graph cache is pointed at ``~/.cache/sdcache/inductor`` (unless ``TORCHINDUCTOR_CACHE_DIR``
 is set), so a new process with the same architecture reuses the generated code.
 
-``compile="auto"`` compiles on CUDA, and on CPU only when ``SDCACHE_COMPILE=1``: on a small CPU
-host the first step would otherwise pay a minute or more of compilation, while pre-packing and
-fusion without compile already give most of the speed (see ``benchmarks/bench_unet_cpu.py``).
+``compile="auto"`` compiles on CUDA, and on CPU only when ``SDCACHE_COMPILE=1``. Measured on the
+2-core CPU host (``benchmarks/bench_unet_cpu.py``, SD1.5 bf16): inductor adds only 0-3% on top
+of the eager optimizations -- the step is dominated by oneDNN convolutions/GEMMs and attention,
+which compile leaves as extern calls -- while costing 75-140 s on the first call (10-17 s in a
+new process once its cache is warm). On CUDA the fusions matter more and compile is worth it
+for a long-lived server.
 
-Weights changed through ``param.data`` are invisible to PyTorch's version counter: call
-:func:`weights_changed` after such edits (other edits -- ``param.copy_()`` under ``no_grad``,
-assigning a new ``Parameter``, ``.to()`` -- are detected automatically before each use).
+Weights written in place *through* ``param.data`` (``p.data.add_(delta)``) are invisible to
+PyTorch's version counter: call :func:`weights_changed` after such edits. Other edits --
+``p.data = new_tensor``, a new ``Parameter``, ``p.copy_()`` under ``no_grad``, ``.to()`` -- are
+detected before the next use anyway; calling :func:`weights_changed` then only moves the
+re-pack out of the next step.
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from . import ops, triton_kernels
+from . import cpu_attention, ops, triton_kernels
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +79,6 @@ class _RootState:
         self.skipped: dict[str, int] = {}
         self.compiled = False
         self.compile_seconds: float | None = None
-        self.orig_forward_set = False
         self.channels_last = False
 
     def bump(self, key: str, table: dict[str, int] | None = None) -> None:
@@ -122,7 +127,7 @@ def _module_device_dtype(m: nn.Module) -> tuple[torch.device, torch.dtype]:
 
 def _optimize_root(name: str, root: nn.Module, compile_: bool) -> _RootState:
     state = _RootState(name)
-    device, _ = _module_device_dtype(root)
+    device, dtype = _module_device_dtype(root)
     root.to(memory_format=torch.channels_last)
     state.channels_last = True
     fused_lins: set[int] = set()
@@ -150,6 +155,8 @@ def _optimize_root(name: str, root: nn.Module, compile_: bool) -> _RootState:
             else:
                 state.bump("attention", state.skipped)
     if device.type == "cpu":
+        if dtype == torch.bfloat16 and state.counts.get("sdpa_attention") and cpu_attention.available():
+            state.bump("cpu_flash_attention_kernel")  # built/loaded now, not inside a step
         for mod_name, m in list(root.named_modules()):
             if type(m) is nn.Conv2d:
                 if ops.attach_conv_site(m) is not None:

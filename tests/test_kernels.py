@@ -27,7 +27,7 @@ pytest.importorskip("diffusers")
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from sdcache.kernels import ops  # noqa: E402
+from sdcache.kernels import cpu_attention, ops  # noqa: E402
 from sdcache.kernels.optimize import describe, optimize, unoptimize, weights_changed  # noqa: E402
 
 HERE = Path(__file__).parent
@@ -68,9 +68,9 @@ def tiny_unet(**overrides) -> nn.Module:
     return UNet2DConditionModel(**cfg).eval().requires_grad_(False)
 
 
-def unet_inputs(dtype: torch.dtype, device: str = "cpu") -> tuple[torch.Tensor, ...]:
+def unet_inputs(dtype: torch.dtype, device: str = "cpu", size: int = 16) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 4, 16, 16, generator=g).to(device=device, dtype=dtype)
+    x = torch.randn(2, 4, size, size, generator=g).to(device=device, dtype=dtype)
     ctx = torch.randn(2, 7, 32, generator=g).to(device=device, dtype=dtype)
     return x, torch.tensor([10, 700], device=device), ctx
 
@@ -223,6 +223,45 @@ def test_packed_conv_falls_back_when_autograd_is_needed() -> None:
     x = torch.randn(1, 4, 6, 6, requires_grad=True)
     conv(x).sum().backward()
     assert x.grad is not None and conv.weight.grad is not None
+
+
+@pytest.mark.skipif(not cpu_attention.available(), reason=f"CPU flash kernel unavailable: {cpu_attention._failed}")
+@pytest.mark.parametrize("shape", [
+    (2, 8, 1024, 1024, 40),  # SD1.5 self-attention (smaller)
+    (1, 2, 100, 77, 40),     # cross-attention length, query tail
+    (2, 3, 50, 130, 64),     # key tail inside a 64-block
+    (1, 2, 97, 600, 80),     # two key blocks, second partial
+    (1, 1, 7, 5, 160),       # widest head supported
+])
+def test_cpu_flash_attention_matches_reference(shape) -> None:
+    """The AVX512-BF16 flash kernel vs fp32 attention, at SDPA-bf16's own accuracy."""
+    b, h, lq, lk, d = shape
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(b, h, lq, d, generator=g).bfloat16()
+    k = torch.randn(b, h, lk, d, generator=g).bfloat16()
+    v = torch.randn(b, h, lk, d, generator=g).bfloat16()
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    out = cpu_attention.flash_attention(q, k, v)
+    assert out.shape == ref.shape
+    err = (out.float() - ref).abs().max().item()
+    sdpa_err = (F.scaled_dot_product_attention(q, k, v).float() - ref).abs().max().item()
+    assert err <= max(2 * sdpa_err, 1e-2), (err, sdpa_err)
+    # Strided views straight out of a fused QKV projection, and a custom scale.
+    qkv = torch.randn(b, lq, 3 * h * d, generator=g).bfloat16()
+    qs, ks, vs = (t.unflatten(-1, (h, d)).transpose(1, 2) for t in qkv.split(h * d, -1))
+    ref2 = F.scaled_dot_product_attention(qs.float(), ks.float(), vs.float(), scale=0.3)
+    assert_close(cpu_attention.flash_attention(qs, ks, vs, 0.3), ref2, torch.bfloat16)
+
+
+@pytest.mark.skipif(not cpu_attention.available(), reason=f"CPU flash kernel unavailable: {cpu_attention._failed}")
+def test_optimized_unet_with_cpu_flash_attention_matches_stock() -> None:
+    """32x32 latents give 1024-token self-attention, which takes the CPU flash kernel."""
+    stock = tiny_unet().to(torch.bfloat16)
+    opt = copy.deepcopy(stock)
+    optimize(opt, compile=False)
+    assert ops.cpu_attention.ready()
+    inputs = unet_inputs(torch.bfloat16, size=32)
+    assert rel_l2(run_unet(opt, inputs), run_unet(stock, inputs)) < MODEL_TOL[torch.bfloat16]
 
 
 # ----------------------------------------------------------------------------- optimize()
@@ -401,7 +440,7 @@ def test_compiled_unet_matches_stock_and_switches_without_recompiling(
     stock = tiny_unet().to(dtype)
     opt = copy.deepcopy(stock)
     optimize(opt, compile=True)
-    inputs = unet_inputs(dtype)
+    inputs = unet_inputs(dtype, size=32)  # 1024 tokens: the CPU flash kernel's custom op is in the graph
     assert rel_l2(run_unet(opt, inputs), run_unet(stock, inputs)) < MODEL_TOL[dtype]
     d = describe(opt)["components"]["UNet2DConditionModel"]
     assert d["compiled"] and d["compile_seconds"] > 0
