@@ -272,5 +272,6 @@ at::Tensor flash_attention_bf16(const at::Tensor& q_in, const at::Tensor& k_in, 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("flash_attention_bf16", &flash_attention_bf16, "bf16 flash attention (AVX512-BF16)");
+  m.def("flash_attention_bf16", &flash_attention_bf16, "bf16 flash attention (AVX512-BF16)",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
 }

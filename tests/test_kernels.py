@@ -39,6 +39,12 @@ OP_TOL = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (3e-2, 2e-2), torch.float
 MODEL_TOL = {torch.float32: 1e-3, torch.bfloat16: 2e-2, torch.float16: 1e-2}
 
 
+def require_cpu_flash() -> None:
+    """Build/load the CPU flash kernel (once per machine, cached) or skip where it cannot run."""
+    if not cpu_attention.available():
+        pytest.skip(f"CPU flash kernel unavailable: {cpu_attention._failed}")
+
+
 def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
     atol, rtol = OP_TOL[dtype]
     diff = (out.float() - ref.float()).abs()
@@ -225,7 +231,6 @@ def test_packed_conv_falls_back_when_autograd_is_needed() -> None:
     assert x.grad is not None and conv.weight.grad is not None
 
 
-@pytest.mark.skipif(not cpu_attention.available(), reason=f"CPU flash kernel unavailable: {cpu_attention._failed}")
 @pytest.mark.parametrize("shape", [
     (2, 8, 1024, 1024, 40),  # SD1.5 self-attention (smaller)
     (1, 2, 100, 77, 40),     # cross-attention length, query tail
@@ -235,6 +240,7 @@ def test_packed_conv_falls_back_when_autograd_is_needed() -> None:
 ])
 def test_cpu_flash_attention_matches_reference(shape) -> None:
     """The AVX512-BF16 flash kernel vs fp32 attention, at SDPA-bf16's own accuracy."""
+    require_cpu_flash()
     b, h, lq, lk, d = shape
     g = torch.Generator().manual_seed(0)
     q = torch.randn(b, h, lq, d, generator=g).bfloat16()
@@ -253,9 +259,9 @@ def test_cpu_flash_attention_matches_reference(shape) -> None:
     assert_close(cpu_attention.flash_attention(qs, ks, vs, 0.3), ref2, torch.bfloat16)
 
 
-@pytest.mark.skipif(not cpu_attention.available(), reason=f"CPU flash kernel unavailable: {cpu_attention._failed}")
 def test_optimized_unet_with_cpu_flash_attention_matches_stock() -> None:
     """32x32 latents give 1024-token self-attention, which takes the CPU flash kernel."""
+    require_cpu_flash()
     stock = tiny_unet().to(torch.bfloat16)
     opt = copy.deepcopy(stock)
     optimize(opt, compile=False)
