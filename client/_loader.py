@@ -74,8 +74,6 @@ def load_safetensors(url: str, device: str = "cpu", *, meta: str | None = None) 
 
 def tensors_from_buffer(buf: "torch.Tensor", name: str, device: str = "cpu") -> dict[str, "torch.Tensor"]:
     """Views of every tensor in the safetensors bytes held by uint8 tensor *buf*."""
-    import torch
-
     size = buf.numel()
     if size < HEADER_LEN.size:
         raise errors.InvalidArgument(f"{name}: not a safetensors file (truncated)")

@@ -28,7 +28,6 @@ from ._buffers import filled_bytes
 from .fetcher import Fetcher
 from .importer import import_file
 from .metaclient import MetaClient, shared_client
-from .underfs import split
 
 log = logging.getLogger(__name__)
 
