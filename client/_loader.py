@@ -29,7 +29,8 @@ def _fill_local(path: str, out: memoryview) -> None:
             got += n
 
 
-def load_safetensors(url: str, device: str = "cpu", *, meta: str | None = None) -> dict[str, "torch.Tensor"]:
+def load_safetensors(url: str, device: str = "cpu", *, meta: str | None = None,
+                     token: str | None = None) -> dict[str, "torch.Tensor"]:
     """Load every tensor of a ``.safetensors`` file.
 
     *url* is ``sdcache://…`` (chunks fetched in parallel from the cache nodes,
@@ -44,7 +45,7 @@ def load_safetensors(url: str, device: str = "cpu", *, meta: str | None = None) 
         from ._mapped import load_mapped
         from .fs import SdcacheFileSystem
 
-        fs = SdcacheFileSystem(meta=meta)
+        fs = SdcacheFileSystem(meta=meta, token=token)
         manifest = fs.manifest(url)
         if fs.fetcher.short_circuit:
             try:

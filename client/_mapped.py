@@ -11,12 +11,15 @@ a whole number of pages), so every tensor is contiguous.
 Chunks that are not in a same-host pool, or whose mapped bytes fail their
 hash, are fetched into anonymous memory at the same place. Every chunk is
 verified before a tensor is handed out. Mappings are private (copy on
-write): writing to a tensor never touches the pool.
+write): writing to a tensor never touches the pool. Each mapped chunk file is
+held with a shared ``flock`` while mapped, so the node never frees (or stops
+counting) a chunk a tensor still points into.
 """
 
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import mmap
 import os
 from concurrent.futures import Future
@@ -69,13 +72,30 @@ def _layout(m: Manifest, joined: set[int]) -> tuple[list[int], int]:
 
 
 def _map_file(addr: int, length: int, path: str) -> bool:
-    """Map chunk file *path* privately at *addr*; False if it is missing or the wrong size."""
+    """Map chunk file *path* privately at *addr*; False if it is missing, the wrong size or evicted.
+
+    Takes ``flock(LOCK_SH)`` on the file first. The lock belongs to the open
+    file, which the mapping keeps alive after the descriptor is closed, so it
+    lasts exactly as long as the mapping; the node sees it and keeps an
+    evicted chunk's memory counted against its capacity until then (see
+    ``sdcache.node.pool``). Never waits: the node holds a chunk file
+    exclusively only for an instant, to free it or to see whether it is
+    mapped, and the chunk is then fetched instead.
+    """
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return False
     try:
-        if os.fstat(fd).st_size != length:  # never map past EOF (SIGBUS on access)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            now = os.stat(path)
+        except OSError:
+            return False
+        st = os.fstat(fd)
+        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+            return False  # evicted between our open and our lock: the node may free it any time
+        if st.st_size != length:  # never map past EOF (SIGBUS on access)
             return False
         got = _libc.mmap(addr, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | _MAP_FIXED, fd, 0)
         return got == addr

@@ -2,8 +2,9 @@
 
 For each chunk the fetcher walks the live nodes in rendezvous order (owner
 first). A node on this machine is read straight from its shared-memory pool
-(the short-circuit path); others over HTTP, with the chunk's source range in
-the query so the node can read through on a miss. Every chunk is verified
+(the short-circuit path); others over HTTP(S) with the client's bearer token,
+naming the chunk and its file's path, so the node can read through on a miss
+from the file's committed manifest. Every chunk is verified
 (xxh3-128) before it is handed out: a dead node, or one that returns wrong
 bytes, is skipped for the next, and after the nodes the under-store is read
 directly. Bytes that do not match at the under-store mean the source changed
@@ -62,6 +63,9 @@ class Fetcher:
             short_circuit = os.environ.get("SDCACHE_SHORT_CIRCUIT", "1") != "0"
         self.short_circuit = short_circuit
         self.host = host_id()
+        creds = meta.credentials
+        self._headers = creds.headers()
+        self._ssl = creds.tls.client_context() if creds.tls else None
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="sdcache-fetch")
         self._local = threading.local()
         self._suspect: dict[str, float] = {}
@@ -147,7 +151,12 @@ class Fetcher:
         conn = conns.get(address)
         if conn is None:
             host, _, port = address.rpartition(":")
-            conn = conns[address] = http.client.HTTPConnection(host, int(port), timeout=self.timeout)
+            if self._ssl is not None:
+                conn = http.client.HTTPSConnection(host.strip("[]"), int(port), timeout=self.timeout,
+                                                   context=self._ssl)
+            else:
+                conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=self.timeout)
+            conns[address] = conn
         return conn
 
     def _drop_connection(self, address: str) -> None:
@@ -157,10 +166,12 @@ class Fetcher:
 
     def _read_http(self, node: NodeInfo, m: Manifest, index: int, out: memoryview) -> None:
         ref = m.chunks[index]
-        query = urlencode({"src": m.source, "off": ref.offset, "len": ref.length, "path": m.path}, quote_via=quote)
+        # The path only: the node reads the file's committed manifest to learn
+        # where a missing chunk's bytes are. A request never names a source.
+        query = urlencode({"path": m.path}, quote_via=quote)
         conn = self._connection(node.address)
         try:
-            conn.request("GET", f"/chunks/{ref.id}?{query}")
+            conn.request("GET", f"/chunks/{ref.id}?{query}", headers=self._headers)
             resp = conn.getresponse()
             if resp.status != 200:
                 body = resp.read()
@@ -254,7 +265,7 @@ class Fetcher:
         conn = self._connection(address)
         try:
             body = json.dumps(doc).encode()
-            conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+            conn.request("POST", path, body=body, headers={"Content-Type": "application/json", **self._headers})
             resp = conn.getresponse()
             data = json.loads(resp.read())
         except BaseException:

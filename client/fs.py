@@ -2,7 +2,10 @@
 
 ``sdcache://models/sd15.safetensors`` is the cache path
 ``/models/sd15.safetensors``; the storage option ``meta="host:port"`` names
-the metadata service (else ``$SDCACHE_META``, else ``127.0.0.1:7070``).
+the metadata service (else ``$SDCACHE_META``, else ``127.0.0.1:7070``), and
+``token=`` the bearer token (else ``$SDCACHE_TOKEN``, else
+``$SDCACHE_TOKEN_FILE``); ``tls_ca=``, ``tls_cert=``, ``tls_key=`` turn on TLS
+(else ``$SDCACHE_TLS_*``).
 Reads fetch chunks in parallel from the cache nodes; ``put``/``pipe`` upload
 into the cluster's own store and import from there.
 """
@@ -23,6 +26,7 @@ from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 from sdcache import errors, paths
 from sdcache.chunking import CHUNK_SIZE
 from sdcache.manifest import Entry, Manifest
+from sdcache.tls import Credentials
 
 from ._buffers import filled_bytes
 from .fetcher import Fetcher
@@ -34,16 +38,16 @@ log = logging.getLogger(__name__)
 DEFAULT_READAHEAD = 8  # chunks fetched ahead of a sequential reader (32 MiB)
 GET_WINDOW = 16 * CHUNK_SIZE  # bytes in flight per get_file window
 
-_fetchers: dict[str, Fetcher] = {}
+_fetchers: dict[int, Fetcher] = {}
 _fetchers_lock = threading.Lock()
 
 
 def shared_fetcher(meta: MetaClient) -> Fetcher:
-    """One fetcher (thread pool, connections) per metadata service per process."""
+    """One fetcher (thread pool, connections) per metadata client, so per service and credentials."""
     with _fetchers_lock:
-        f = _fetchers.get(meta.address)
+        f = _fetchers.get(id(meta))
         if f is None:
-            f = _fetchers[meta.address] = Fetcher(meta)
+            f = _fetchers[id(meta)] = Fetcher(meta)
         return f
 
 
@@ -68,9 +72,12 @@ class SdcacheFileSystem(AbstractFileSystem):
     protocol = "sdcache"
     root_marker = "/"
 
-    def __init__(self, meta: str | None = None, readahead: int = DEFAULT_READAHEAD, **kwargs: Any) -> None:
+    def __init__(self, meta: str | None = None, readahead: int = DEFAULT_READAHEAD, *, token: str | None = None,
+                 tls_ca: str | None = None, tls_cert: str | None = None, tls_key: str | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.meta = shared_client(meta)
+        self.meta = shared_client(meta, Credentials.resolve(token=token, tls_ca=tls_ca, tls_cert=tls_cert,
+                                                            tls_key=tls_key))
         self.fetcher = shared_fetcher(self.meta)
         self.readahead = readahead
         self._store_url: str | None = None

@@ -19,11 +19,14 @@ from sdcache import DEFAULT_META, errors
 from sdcache._proto import meta_pb2 as pb
 from sdcache._proto import meta_pb2_grpc as pbg
 from sdcache.manifest import Entry, Manifest
+from sdcache.meta import grpcauth
 from sdcache.meta.convert import ERROR_TRAILER, error_from_rpc
 from sdcache.meta.convert import entry_from_proto as entry_from_pb
 from sdcache.meta.convert import manifest_from_proto as manifest_from_pb
 from sdcache.meta.convert import manifest_to_proto as manifest_to_pb
 from sdcache.placement import NodeInfo
+from sdcache.tls import Credentials
+
 NODE_LIST_TTL = 2.0  # seconds a node list is trusted before asking again
 
 
@@ -56,13 +59,13 @@ def node_from_pb(n: pb.Node) -> NodeInfo:
 class MetaClient:
     """Talks to one metadata service; safe to share between threads."""
 
-    def __init__(self, address: str | None = None, *, timeout: float = 10.0) -> None:
+    def __init__(self, address: str | None = None, *, timeout: float = 10.0,
+                 credentials: Credentials | None = None) -> None:
         self.address = resolve_address(address)
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(
-            self.address,
-            options=[("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)],
-        )
+        #: The token and TLS files every call presents (and the fetcher reuses for nodes).
+        self.credentials = credentials if credentials is not None else Credentials.resolve()
+        self._channel = grpcauth.channel(self.address, self.credentials)
         self._stub = pbg.MetaStub(self._channel)
         self._nodes: list[NodeInfo] = []
         self._nodes_at = 0.0
@@ -139,16 +142,27 @@ class MetaClient:
     def store_url(self) -> str:
         return self._call("GetConfig", pb.ConfigRequest()).store_url
 
+    # -- tokens (admin) --------------------------------------------------------
+    def create_token(self, role: str, *, name: str = "", ttl: float = 0.0) -> pb.CreateTokenResponse:
+        return self._call("CreateToken", pb.CreateTokenRequest(name=name, role=role, ttl_seconds=ttl))
 
-_clients: dict[str, MetaClient] = {}
+    def list_tokens(self) -> list[pb.TokenInfo]:
+        return list(self._call("ListTokens", pb.ListTokensRequest()).tokens)
+
+    def revoke_token(self, name: str) -> pb.TokenInfo:
+        return self._call("RevokeToken", pb.RevokeTokenRequest(name=name))
+
+
+_clients: dict[tuple[str, Credentials], MetaClient] = {}
 _clients_lock = threading.Lock()
 
 
-def shared_client(address: str | None = None) -> MetaClient:
-    """One :class:`MetaClient` per address per process."""
+def shared_client(address: str | None = None, credentials: Credentials | None = None) -> MetaClient:
+    """One :class:`MetaClient` per address and credentials per process."""
     addr = resolve_address(address)
+    creds = credentials if credentials is not None else Credentials.resolve()
     with _clients_lock:
-        client = _clients.get(addr)
+        client = _clients.get((addr, creds))
         if client is None:
-            client = _clients[addr] = MetaClient(addr)
+            client = _clients[(addr, creds)] = MetaClient(addr, credentials=creds)
         return client

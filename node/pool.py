@@ -2,49 +2,175 @@
 
 The layout is :mod:`sdcache.pool_layout` (``<pool_dir>/<id[:2]>/<id>``, partial
 writes in ``<pool_dir>/.tmp`` then renamed into place), so a client on the same
-host may read a chunk file directly and never sees a partial one.
+host may read a chunk file directly and never sees a partial one. Two more
+entries belong to the pool and are never taken for chunks: ``.lock`` and
+``.evicted/`` (both below).
+
+One owner. A pool holds an exclusive ``flock`` on ``<pool_dir>/.lock`` from the
+moment it is created until :meth:`ChunkPool.close`, so two nodes can never
+share one directory (each would evict and count the other's chunks). A second
+pool on a held directory, in this process or another, fails at once with
+:class:`~sdcache.errors.AlreadyExists`. The lock belongs to the open file, so
+it goes away with the process however that ends (``kill -9`` included). The
+file stays empty: it costs no pool bytes.
+
+Permissions. The node creates the pool directory and its subdirectories mode
+0750 and chunk files mode 0640, whatever the umask (a setgid bit already on the
+directory is kept). Same-host short-circuit reads are therefore possible only
+for processes running as the node's user or in its group; give readers that
+group (a setgid parent directory owned by it makes new pools inherit it) rather
+than widening the modes. Everyone else reads chunks over HTTP with a token.
 
 Capacity is a byte budget that is never exceeded: space is reserved before a
-chunk file is written, and victims are unlinked before the new file appears.
+chunk file is written, and victims leave the pool path before the new file
+appears. ``used`` counts present chunks, chunks being written and evicted
+chunks a same-host reader still has mapped (below).
 
 Eviction is file-aware. Every chunk remembers the cache files (the ``path`` a
 client asked for it under) it belongs to; the pool keeps those files in least
 recently used order. To make room it takes whole files, oldest first, and frees
-their chunks, except chunks that are pinned or that a file it keeps still
-needs. It never evicts the chunks of the file it is admitting for: a file that
-does not fit keeps its first part cached instead of thrashing through itself.
-A chunk seen without a path is a one-chunk file of its own (``#<id>``).
+their chunks, except chunks that are pinned, that a file it keeps still needs,
+or that a same-host reader has mapped (evicting those would free no memory). It
+never evicts the chunks of the file it is admitting for: a file that does not
+fit keeps its first part cached instead of thrashing through itself. A chunk
+seen without a path is a one-chunk file of its own (``#<id>``).
+
+Mapped chunks. A same-host reader that maps a chunk file (``client/_mapped.py``)
+holds ``flock(LOCK_SH)`` on it for as long as the mapping lives; tmpfs pages of a
+mapped file stay in memory after it is unlinked, so unlinking would not give
+the bytes back. An evicted chunk's file is therefore first renamed into
+``<pool_dir>/.evicted/`` and unlinked only once the pool can take
+``LOCK_EX | LOCK_NB`` on it. Until then its bytes stay in ``used`` and in
+``stats().evicted_mapped_bytes``; the pool retries whenever it needs room, on
+every :meth:`ChunkPool.stats` and on :meth:`ChunkPool.load` after a restart.
+Readers that only ``pread`` a chunk take no lock: their bytes are copied out
+and an unlinked file goes as soon as they close it.
 
 All methods are synchronous and thread-safe; the node calls the ones that
-touch files from a worker thread. Unlinking a chunk that is being read is fine:
-open descriptors stay valid.
+touch files from a worker thread. A victim's file leaves the pool path under
+the pool's lock, so a concurrent re-fill of the same chunk id (which can only
+reserve it after that) is never the file removed.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
+import re
 import shutil
+import stat
+import tempfile
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from types import TracebackType
 
 import xxhash
 
 from sdcache import pool_layout
-from sdcache.errors import CapacityExceeded
+from sdcache.errors import AlreadyExists, CapacityExceeded
 from sdcache.hashing import is_chunk_id
 
 log = logging.getLogger(__name__)
 
+LOCK_FILE = ".lock"  # flock'ed by the one pool that owns the directory
+EVICTED_DIR = ".evicted"  # evicted chunk files a same-host reader still has mapped
+DIR_MODE = 0o750  # pool directory and its subdirectories: the node's user and group
+FILE_MODE = 0o640  # chunk files: readable by the node's group (short-circuit reads)
+
 _ANON = "#"  # prefix of the pseudo-file of a chunk seen without a path
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def default_pool_dir(node_id: str) -> str:
+    """The pool directory of node *node_id* when none is given: ``/dev/shm/sdcache/<id>``.
+
+    Stable per node id, so a restarted node finds its chunks again (a warm
+    restart). Characters outside ``[A-Za-z0-9._-]`` become ``_``; an id that
+    needed that, is over 100 characters or is only dots also gets a hash of
+    the id appended, so distinct ids keep distinct directories and none
+    escapes ``sdcache/``. Where ``/dev/shm`` is missing (not Linux), the base
+    is :func:`tempfile.gettempdir` instead.
+    """
+    name = _UNSAFE.sub("_", node_id)
+    if name != node_id or len(name) > 100 or not name.strip("."):
+        name = f"{name[:64].strip('.') or 'node'}-{xxhash.xxh3_64_hexdigest(node_id.encode())}"
+    base = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+    return os.path.join(base, "sdcache", name)
 
 
 def _anon(chunk_id: str) -> str:
     return _ANON + chunk_id
+
+
+def _make_dir(path: str) -> None:
+    """Create *path* (and parents) and give it :data:`DIR_MODE` whatever the umask."""
+    os.makedirs(path, DIR_MODE, exist_ok=True)
+    st = os.stat(path)
+    want = DIR_MODE | (st.st_mode & stat.S_ISGID)  # keep an inherited group for readers
+    if stat.S_IMODE(st.st_mode) != want:
+        os.chmod(path, want)
+
+
+def _lock_dir(pool_dir: str) -> int:
+    """Take the exclusive lock on *pool_dir*; returns the descriptor that holds it."""
+    path = os.path.join(pool_dir, LOCK_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, FILE_MODE)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise AlreadyExists(
+            f"pool directory {pool_dir} is in use: another node holds it; "
+            "give this node its own --pool-dir or stop the other one"
+        ) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    os.fchmod(fd, FILE_MODE)
+    return fd
+
+
+def _mapped_by_reader(path: str) -> bool:
+    """Whether a same-host reader holds its shared lock on chunk file *path*."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # also drops our lock, if we got it
+    return False
+
+
+def _try_remove(path: str) -> int:
+    """Unlink evicted file *path* unless a reader has it mapped; returns the bytes still held."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return 0
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.fstat(fd).st_size
+        # Holding LOCK_EX: a reader that opened the file before it was renamed
+        # gets its LOCK_SH only after this, then finds the pool path changed.
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        return 0
+    finally:
+        os.close(fd)
 
 
 @dataclass(slots=True)
@@ -61,7 +187,11 @@ class _Chunk:
 
 @dataclass(frozen=True, slots=True)
 class PoolStats:
-    """A snapshot of a pool's counters."""
+    """A snapshot of a pool's counters.
+
+    ``used`` includes ``evicted_mapped_bytes``: evicted chunks whose memory a
+    same-host reader's mapping still holds.
+    """
 
     capacity: int
     used: int
@@ -75,6 +205,7 @@ class PoolStats:
     bytes_served: int
     corrupt_dropped: int
     rejected: int
+    evicted_mapped_bytes: int
 
     def as_dict(self) -> dict[str, int]:
         return {k: getattr(self, k) for k in self.__slots__}
@@ -83,8 +214,13 @@ class PoolStats:
 class ChunkPool:
     """A byte-capped pool of verified chunks in a shared-memory directory.
 
-    Create it, then call :meth:`load` once to adopt (and re-verify) whatever a
-    previous run left in *pool_dir*.
+    Creating it creates *pool_dir* (mode 0750) and takes the directory's lock:
+    if another pool, in any process, holds it, this raises
+    :class:`~sdcache.errors.AlreadyExists` (errno ``EEXIST``) naming the
+    directory. Then call :meth:`load` once to adopt (and re-verify) whatever a
+    previous run left there, and :meth:`close` when done to release the lock
+    (a pool is also a context manager; a pool dropped unclosed releases it
+    when collected).
     """
 
     def __init__(self, pool_dir: str, capacity: int) -> None:
@@ -93,13 +229,18 @@ class ChunkPool:
         self.pool_dir = os.path.abspath(pool_dir)
         self.capacity = capacity
         self._tmp_dir = os.path.join(self.pool_dir, pool_layout.TMP_DIR)
+        self._evicted_dir = os.path.join(self.pool_dir, EVICTED_DIR)
         self._lock = threading.RLock()
         self._chunks: dict[str, _Chunk] = {}
         self._files: OrderedDict[str, _File] = OrderedDict()  # oldest first
         self._reserved: dict[str, int] = {}  # chunk id -> bytes, being written
+        self._held: dict[str, int] = {}  # name in .evicted -> bytes, mapped by a reader
+        self._held_bytes = 0
         self._pinned: frozenset[str] = frozenset()
-        self._used = 0  # bytes of present plus reserved chunks
+        self._used = 0  # bytes of present, reserved and held chunks
         self._tmp_seq = 0
+        self._evict_seq = 0
+        self._token = f"{os.getpid()}-{os.urandom(4).hex()}"  # unique names in .evicted
         self.hits = 0
         self.misses = 0
         self.evictions = 0
@@ -107,7 +248,27 @@ class ChunkPool:
         self.bytes_served = 0
         self.corrupt_dropped = 0
         self.rejected = 0
-        os.makedirs(self.pool_dir, exist_ok=True)
+        _make_dir(self.pool_dir)
+        fd = _lock_dir(self.pool_dir)
+        self._release = weakref.finalize(self, os.close, fd)  # closing the fd drops the flock
+
+    def close(self) -> None:
+        """Release the pool directory's lock, so another pool may open it; idempotent.
+
+        Chunk files stay for the next run. The pool must not be used after.
+        """
+        with self._lock:
+            if self._release.alive:
+                self._release()
+                log.debug("pool %s: released its lock", self.pool_dir)
+
+    def __enter__(self) -> ChunkPool:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
 
     # ------------------------------------------------------------------ startup
 
@@ -116,11 +277,14 @@ class ChunkPool:
 
         Drops the ``.tmp`` directory (partial writes), every file whose
         xxh3-128 does not match its name and anything else that is not a chunk
-        in a ``<id[:2]>`` directory; evicts the oldest (by mtime) if what is
-        left exceeds the capacity. Returns the number of chunks adopted.
+        in a ``<id[:2]>`` directory; removes the files in ``.evicted`` that no
+        reader maps any more and keeps counting the rest; evicts the oldest (by
+        mtime) if what is left exceeds the capacity. Returns the number of
+        chunks adopted.
         """
         shutil.rmtree(self._tmp_dir, ignore_errors=True)
-        os.makedirs(self._tmp_dir, exist_ok=True)
+        _make_dir(self._tmp_dir)
+        self._adopt_evicted()
         found: list[tuple[str, str]] = []
         with os.scandir(self.pool_dir) as top:
             for d in top:
@@ -164,6 +328,7 @@ class ChunkPool:
             good = [r for r in ex.map(check, found) if r is not None]
         self.corrupt_dropped += len(found) - len(good)
         good.sort(key=lambda r: r[2])  # oldest first: the LRU order we rebuild
+        victims = 0
         with self._lock:
             for chunk_id, size, mtime in good:
                 if chunk_id in self._chunks:
@@ -171,28 +336,55 @@ class ChunkPool:
                 self._chunks[chunk_id] = _Chunk(size, {_anon(chunk_id)})
                 self._files[_anon(chunk_id)] = _File({chunk_id}, mtime)
                 self._used += size
-            over = self._used - self.capacity
-            victims: list[str] = []
-            if over > 0:
-                for name, f in list(self._files.items()):
-                    if over <= 0:
-                        break
-                    (cid,) = f.chunks
-                    over -= self._chunks[cid].size
-                    victims.append(cid)
-            for cid in victims:
-                self.evicted_bytes += self._forget(cid)
-                self.evictions += 1
-        for cid in victims:
-            self._unlink(cid)
+            for name in list(self._files):  # oldest first
+                if self._used <= self.capacity:
+                    break
+                f = self._files.get(name)
+                for cid in list(f.chunks) if f else ():
+                    self.evicted_bytes += self._forget(cid)
+                    self.evictions += 1
+                    victims += 1
+                    self._unlink(cid)
+            if self._used > self.capacity:
+                log.warning("pool %s: %d bytes over capacity, all mapped by same-host readers",
+                            self.pool_dir, self._used - self.capacity)
         if victims:
-            log.info("pool over capacity at start: evicted %d chunks", len(victims))
-        log.info("pool %s: adopted %d chunks, %d bytes", self.pool_dir, len(self._chunks), self._used)
+            log.info("pool over capacity at start: evicted %d chunks", victims)
+        log.info("pool %s: adopted %d chunks, %d bytes (%d held by readers' mappings)",
+                 self.pool_dir, len(self._chunks), self._used, self._held_bytes)
         return len(self._chunks)
+
+    def _adopt_evicted(self) -> None:
+        """Remove the unmapped leftovers of ``.evicted``; count the mapped ones as held."""
+        _make_dir(self._evicted_dir)
+        with os.scandir(self._evicted_dir) as it:
+            entries = list(it)
+        with self._lock:
+            for e in entries:
+                if e.name in self._held:
+                    continue
+                try:
+                    if not e.is_file(follow_symlinks=False):
+                        log.warning("dropping stray %s", e.path)
+                        if e.is_dir(follow_symlinks=False):
+                            shutil.rmtree(e.path, ignore_errors=True)
+                        else:
+                            os.unlink(e.path)
+                        continue
+                    held = _try_remove(e.path)
+                except OSError as err:
+                    log.warning("cannot clear evicted file %s: %s", e.path, err)
+                    continue
+                if held:
+                    self._hold(e.name, held)
 
     @staticmethod
     def bytes_on_disk(pool_dir: str) -> int:
-        """Bytes of the chunk files a previous run left in *pool_dir* (no verification)."""
+        """Bytes a previous run left in *pool_dir* (no verification).
+
+        Chunk files plus evicted files a reader may still map; not the lock
+        file or partial writes.
+        """
         total = 0
         try:
             top = os.scandir(pool_dir)
@@ -200,7 +392,7 @@ class ChunkPool:
             return 0
         with top:
             for d in top:
-                if len(d.name) != 2 or not d.is_dir(follow_symlinks=False):
+                if not (len(d.name) == 2 or d.name == EVICTED_DIR) or not d.is_dir(follow_symlinks=False):
                     continue
                 with os.scandir(d.path) as inner:
                     for e in inner:
@@ -215,7 +407,7 @@ class ChunkPool:
 
     @property
     def used(self) -> int:
-        """Bytes held, including chunks being written."""
+        """Bytes held: chunks present or being written, and evicted ones still mapped."""
         return self._used
 
     def __len__(self) -> int:
@@ -237,7 +429,10 @@ class ChunkPool:
         return pool_layout.chunk_path(self.pool_dir, chunk_id)
 
     def stats(self) -> PoolStats:
+        """The counters now; first frees evicted chunks whose mappings have gone."""
         with self._lock:
+            if self._held:
+                self._reap_held()
             return PoolStats(
                 capacity=self.capacity,
                 used=self._used,
@@ -251,6 +446,7 @@ class ChunkPool:
                 bytes_served=self.bytes_served,
                 corrupt_dropped=self.corrupt_dropped,
                 rejected=self.rejected,
+                evicted_mapped_bytes=self._held_bytes,
             )
 
     # ------------------------------------------------------------------ reads
@@ -268,26 +464,31 @@ class ChunkPool:
             with self._lock:
                 self.misses += 1
             return None
-        data: bytes | None
+        file = self.chunk_path(chunk_id)
+        data: bytes | None = None
+        ino: int | None = None
         try:
-            fd = os.open(self.chunk_path(chunk_id), os.O_RDONLY)
+            fd = os.open(file, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
-            data = None
+            pass
         else:
             try:
+                ino = os.fstat(fd).st_ino
                 data = os.read(fd, c.size)  # one allocation of the known size, one copy
             finally:
                 os.close(fd)
         if data is None or xxhash.xxh3_128_hexdigest(data) != chunk_id:
             with self._lock:
                 self.misses += 1
-                known = chunk_id in self._chunks
-                if known:
+                # Drop only the file we judged: if the chunk was evicted and
+                # filled again since, the new file is good and stays.
+                drop = chunk_id in self._chunks and _inode(file) == ino
+                if drop:
                     self._forget(chunk_id)
                     self.corrupt_dropped += 1
-            if known:  # else it was evicted while we opened it: a plain miss
+                    self._unlink(chunk_id)
+            if drop:
                 log.warning("pool chunk %s is missing or corrupt; dropped it", chunk_id)
-                self._unlink(chunk_id)
             return None
         with self._lock:
             self.hits += 1
@@ -324,7 +525,8 @@ class ChunkPool:
         Evicts least recently used files first if space is needed. Returns
         False if the chunk was already present (it is then only touched).
         Raises :class:`CapacityExceeded` if it cannot be admitted; nothing is
-        evicted then.
+        evicted then (unless a reader maps a victim in the instant between
+        choosing and evicting it, and nothing else can go).
         """
         size = len(data)
         with self._lock:
@@ -333,27 +535,24 @@ class ChunkPool:
                     self._touch(chunk_id, path)
                 return False
             try:
-                victims = self._pick_victims(size, path)
+                self._make_room(size, path)
             except CapacityExceeded:
                 self.rejected += 1
                 raise
-            for cid in victims:
-                self.evicted_bytes += self._forget(cid)
-                self.evictions += 1
             self._reserved[chunk_id] = size
             self._used += size
             self._tmp_seq += 1
             tmp = os.path.join(self._tmp_dir, f"{chunk_id}.{os.getpid()}.{self._tmp_seq}")
-        for cid in victims:
-            self._unlink(cid)
         final = self.chunk_path(chunk_id)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         try:
             try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileNotFoundError:  # someone removed .tmp under us
-                os.makedirs(self._tmp_dir, exist_ok=True)
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                fd = os.open(tmp, flags, FILE_MODE)
+            except FileNotFoundError:  # someone removed .tmp under us, or load() never ran
+                _make_dir(self._tmp_dir)
+                fd = os.open(tmp, flags, FILE_MODE)
             with open(fd, "wb", buffering=0) as f:
+                os.fchmod(fd, FILE_MODE)  # the umask may have taken the group's read bit
                 view = memoryview(data)
                 while view:
                     n = f.write(view)
@@ -361,7 +560,7 @@ class ChunkPool:
             try:
                 os.rename(tmp, final)
             except FileNotFoundError:
-                os.makedirs(os.path.dirname(final), exist_ok=True)
+                _make_dir(os.path.dirname(final))
                 os.rename(tmp, final)
         except BaseException:
             with self._lock:
@@ -379,12 +578,14 @@ class ChunkPool:
         return True
 
     def evict(self, path: str | None = None, ids: Iterable[str] | None = None) -> tuple[int, int]:
-        """Drop the chunks of *path* (or just *ids*); returns (chunks, bytes) freed.
+        """Drop the chunks of *path* (or just *ids*); returns (chunks, bytes) evicted.
 
         Pinned chunks and chunks that another cached file still needs stay
-        (only their association with *path* goes).
+        (only their association with *path* goes). An evicted chunk a
+        same-host reader has mapped leaves the pool but its bytes stay counted
+        until the mapping goes (``stats().evicted_mapped_bytes``).
         """
-        freed: list[str] = []
+        count = 0
         nbytes = 0
         with self._lock:
             if ids is None:
@@ -403,13 +604,12 @@ class ChunkPool:
                     self._adopt_orphan(cid)
                     continue
                 size = self._forget(cid)
+                self._unlink(cid)
                 self.evictions += 1
                 self.evicted_bytes += size
                 nbytes += size
-                freed.append(cid)
-        for cid in freed:
-            self._unlink(cid)
-        return len(freed), nbytes
+                count += 1
+        return count, nbytes
 
     def set_pinned(self, ids: Iterable[str]) -> None:
         """Replace the set of pinned chunk ids (they are never evicted)."""
@@ -464,7 +664,7 @@ class ChunkPool:
             self._files[_anon(chunk_id)] = _File({chunk_id}, time.time())
 
     def _forget(self, chunk_id: str) -> int:
-        """Remove a chunk from the books (the caller unlinks its file); returns its size."""
+        """Remove a chunk from the books (the caller then calls :meth:`_unlink`); returns its size."""
         c = self._chunks.pop(chunk_id)
         for name in list(c.files):
             f = self._files.get(name)
@@ -475,9 +675,22 @@ class ChunkPool:
         self._used -= c.size
         return c.size
 
+    def _make_room(self, size: int, path: str | None) -> None:
+        """Evict until *size* more bytes fit, or raise :class:`CapacityExceeded`."""
+        while victims := self._pick_victims(size, path):
+            for cid in victims:
+                self.evicted_bytes += self._forget(cid)
+                self.evictions += 1
+                self._unlink(cid)
+            # A reader may have mapped a victim since it was picked: its bytes
+            # are still counted, so look again until the chunk really fits.
+
     def _pick_victims(self, size: int, path: str | None) -> list[str]:
         """Chunks to evict so that *size* more bytes fit, whole files oldest first."""
         need = self._used + size - self.capacity
+        if need > 0 and self._held:
+            self._reap_held()
+            need = self._used + size - self.capacity
         if need <= 0:
             return []
         if size > self.capacity:
@@ -494,17 +707,69 @@ class ChunkPool:
                 c = self._chunks[cid]
                 if cid in pinned or not c.files <= victim_files:
                     continue
+                if _mapped_by_reader(self.chunk_path(cid)):
+                    continue  # evicting it would free no memory
                 victims.append(cid)
                 freed += c.size
             if freed >= need:
                 return victims
         raise CapacityExceeded(
-            f"pool full: {self._used} of {self.capacity} bytes held, "
-            f"cannot free {need} bytes (the rest is pinned or in use by {path or 'this chunk'})"
+            f"pool full: {self._used} of {self.capacity} bytes held ({self._held_bytes} by evicted chunks "
+            f"still mapped), cannot free {need} bytes (the rest is pinned, mapped by a same-host reader "
+            f"or in use by {path or 'this chunk'})"
         )
 
     def _unlink(self, chunk_id: str) -> None:
+        """Take a forgotten chunk's file out of the pool path, and free it unless it is mapped.
+
+        Called with the lock held, right after :meth:`_forget`: a put of the
+        same id can only reserve it once the lock is released, so the file
+        removed here is never a re-fill's. The file is renamed into
+        ``.evicted`` first, so no new reader finds it; a reader that had it
+        mapped keeps its bytes counted (:meth:`_hold`).
+        """
+        src = self.chunk_path(chunk_id)
+        self._evict_seq += 1
+        name = f"{chunk_id}.{self._token}.{self._evict_seq}"
+        dst = os.path.join(self._evicted_dir, name)
         try:
-            os.unlink(self.chunk_path(chunk_id))
+            os.rename(src, dst)
         except FileNotFoundError:
-            pass
+            if not os.path.lexists(src):
+                return
+            _make_dir(self._evicted_dir)
+            try:
+                os.rename(src, dst)
+            except FileNotFoundError:
+                return
+        held = _try_remove(dst)
+        if held:
+            self._hold(name, held)
+            log.info("evicted chunk %s is mapped by a same-host reader: its %d bytes stay counted "
+                     "until the mapping goes", chunk_id, held)
+
+    def _hold(self, name: str, size: int) -> None:
+        """Count *size* bytes of ``.evicted/<name>`` against the capacity until it is freed."""
+        self._held[name] = size
+        self._held_bytes += size
+        self._used += size
+
+    def _reap_held(self) -> None:
+        """Free the evicted files whose readers have unmapped them."""
+        for name, size in list(self._held.items()):
+            try:
+                still = _try_remove(os.path.join(self._evicted_dir, name))
+            except OSError as e:
+                log.warning("cannot free evicted file %s: %s", name, e)
+                continue
+            if not still:
+                del self._held[name]
+                self._held_bytes -= size
+                self._used -= size
+
+
+def _inode(path: str) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None

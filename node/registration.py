@@ -2,8 +2,12 @@
 
 The loop registers the node (retrying with capped backoff while the service
 is not up yet), heartbeats every ``heartbeat_interval`` seconds with the pool's
-fill, registers again when the service says it forgot the node, and reloads
-the pinned chunk ids whenever the pins generation changes.
+fill, registers again when the service says it forgot the node, reloads the
+pinned chunk ids whenever the pins generation changes, and reloads the token
+keys and revocations (``AuthState``) whenever the auth generation changes, so
+a revoked token stops working here within one heartbeat.
+
+Every call carries the node's own token (role ``node``).
 """
 
 from __future__ import annotations
@@ -14,8 +18,14 @@ from collections.abc import Callable
 
 import grpc
 
+from sdcache import auth
 from sdcache._proto import meta_pb2 as pb
 from sdcache._proto import meta_pb2_grpc as pbg
+from sdcache.errors import Unavailable
+from sdcache.manifest import Manifest
+from sdcache.meta import grpcauth
+from sdcache.meta.convert import error_from_rpc, manifest_from_proto
+from sdcache.tls import Credentials
 
 from .pool import ChunkPool
 
@@ -35,10 +45,16 @@ def unpack_ids(blob: bytes) -> list[str]:
 class Registration:
     """Keeps one node registered with the metadata service at *meta*."""
 
-    def __init__(self, meta: str, node: Callable[[], pb.Node], pool: ChunkPool) -> None:
+    def __init__(self, meta: str, node: Callable[[], pb.Node], pool: ChunkPool, *,
+                 credentials: Credentials, verifier: auth.TokenVerifier) -> None:
         self.meta = meta
         self._node = node
         self._pool = pool
+        self._credentials = credentials
+        self.verifier = verifier
+        self.auth_generation: int | None = None
+        self.store_url = ""
+        self._stub: pbg.MetaStub | None = None
         self.registered = asyncio.Event()
         self.registrations = 0
         self.heartbeats = 0
@@ -47,8 +63,8 @@ class Registration:
 
     async def run(self) -> None:
         """Run until cancelled."""
-        async with grpc.aio.insecure_channel(self.meta) as channel:
-            stub = pbg.MetaStub(channel)
+        async with grpcauth.aio_channel(self.meta, self._credentials) as channel:
+            stub = self._stub = pbg.MetaStub(channel)
             while True:
                 await self._register(stub)
                 await self._heartbeat_until_forgotten(stub)
@@ -62,6 +78,9 @@ class Registration:
                 resp = await stub.RegisterNode(node, timeout=RPC_TIMEOUT)
                 break
             except grpc.aio.AioRpcError as e:
+                if e.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                    log.error("metadata service %s refused this node: %s (give it a node token: "
+                              "--token-file, $SDCACHE_TOKEN or $SDCACHE_TOKEN_FILE)", self.meta, e.details())
                 failures += 1
                 level = logging.WARNING if failures in (1, 10) or failures % 100 == 0 else logging.DEBUG
                 log.log(level, "cannot register with metadata service %s (%s), retrying", self.meta, e.code().name)
@@ -69,6 +88,11 @@ class Registration:
                 delay = min(delay * 2, BACKOFF_MAX)
         self.registrations += 1
         self.heartbeat_interval = resp.heartbeat_interval if resp.heartbeat_interval > 0 else DEFAULT_HEARTBEAT
+        self.store_url = resp.store_url
+        self.auth_generation = None  # the service may have restarted with other keys
+        if not await self._sync_auth(stub, resp.auth_generation):
+            await asyncio.sleep(BACKOFF_START)
+            return await self._register(stub)
         log.info(
             "registered node %s (%s) with metadata service %s; heartbeat every %.1fs",
             node.node_id, node.address, self.meta, self.heartbeat_interval,
@@ -93,17 +117,76 @@ class Registration:
                 log.info("metadata service forgot node %s; registering again", node_id)
                 self.registered.clear()
                 return
+            await self._sync_auth(stub, resp.auth_generation)
             await self._sync_pins(stub, resp.pins_generation)
 
+    async def _sync_auth(self, stub: pbg.MetaStub, generation: int) -> bool:
+        """Load the token keys and revocations unless *generation* is the one loaded; False on failure."""
+        if generation == self.auth_generation:
+            return True
+        try:
+            resp = await stub.AuthState(pb.AuthStateRequest(), timeout=RPC_TIMEOUT)
+        except grpc.aio.AioRpcError as e:
+            log.warning("cannot load token state from %s (%s: %s); will retry", self.meta, e.code().name,
+                        e.details())
+            return False
+        keys = [auth.public_from_bytes(k) for k in resp.public_keys]
+        self.verifier.update(keys, {t.name: t.revoked for t in resp.revoked}, enabled=resp.enabled)
+        if not resp.enabled:
+            log.warning("the metadata service runs with --insecure-no-auth: this node accepts every request")
+        self.auth_generation = resp.generation
+        return True
+
+    async def get_manifest(self, path: str) -> Manifest:
+        """The committed manifest of *path*, asked with this node's token (confined read-through)."""
+        if self._stub is None:
+            raise Unavailable(f"not connected to the metadata service {self.meta} yet")
+        try:
+            return manifest_from_proto(await self._stub.GetManifest(pb.PathRequest(path=path), timeout=RPC_TIMEOUT))
+        except grpc.aio.AioRpcError as e:
+            raise error_from_rpc(e) from None
+
+    #: Pin changes tolerated while one list is paged in; past that, wait for
+    #: the next heartbeat rather than page forever.
+    PINS_RESTARTS = 3
+
     async def _sync_pins(self, stub: pbg.MetaStub, generation: int) -> None:
+        """Load and apply the pinned ids unless *generation* is the one applied.
+
+        The pool gets only a complete list of one generation, and
+        ``pins_generation`` moves only once it has it: a load that fails is
+        logged and tried again at the next heartbeat.
+        """
         if generation == self.pins_generation:
             return
         try:
-            resp = await stub.PinnedChunks(pb.PinnedChunksRequest(), timeout=RPC_TIMEOUT)
+            loaded = await self._load_pins(stub)
         except grpc.aio.AioRpcError as e:
-            log.warning("cannot load pinned chunks from %s (%s); will retry", self.meta, e.code().name)
+            log.warning("cannot load pinned chunks from %s (%s: %s); will retry at the next heartbeat",
+                        self.meta, e.code().name, e.details())
             return
-        ids = unpack_ids(resp.ids)
+        if loaded is None:
+            log.warning("pins on %s changed %d times while loading them; will retry at the next heartbeat",
+                        self.meta, self.PINS_RESTARTS + 1)
+            return
+        new_generation, ids = loaded
         self._pool.set_pinned(ids)
-        self.pins_generation = resp.generation
-        log.info("pins generation %d: %d pinned chunks", resp.generation, len(ids))
+        self.pins_generation = new_generation
+        log.info("pins generation %d: %d pinned chunks", new_generation, len(ids))
+
+    async def _load_pins(self, stub: pbg.MetaStub) -> tuple[int, list[str]] | None:
+        """Every pinned id of one pins generation, paged (see PinnedChunksRequest
+        in meta.proto); None when the pins kept changing under the pager."""
+        resp = await stub.PinnedChunks(pb.PinnedChunksRequest(), timeout=RPC_TIMEOUT)
+        generation, ids, restarts = resp.generation, unpack_ids(resp.ids), 0
+        while resp.next_page_token:
+            resp = await stub.PinnedChunks(pb.PinnedChunksRequest(page_token=resp.next_page_token),
+                                           timeout=RPC_TIMEOUT)
+            if resp.generation != generation:
+                # The pins changed: this reply is the first page of the new generation.
+                restarts += 1
+                if restarts > self.PINS_RESTARTS:
+                    return None
+                generation, ids = resp.generation, []
+            ids.extend(unpack_ids(resp.ids))
+        return generation, ids

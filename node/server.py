@@ -1,21 +1,31 @@
 """The cache node: aiohttp chunk API over a ChunkPool, registration, entry point.
 
-HTTP chunk API (contract; the client and the metadata service speak it):
+HTTP chunk API (contract; the client and the metadata service speak it).
+Every request but ``/healthz`` carries ``Authorization: Bearer TOKEN``; the
+role each route needs is :data:`sdcache.auth.HTTP_ROLES` (``read`` for chunks,
+``/has`` and ``/stats``; ``admin`` for ``/warm`` and ``/evict``). Tokens are
+checked here, against the keys and revocations the metadata service hands
+the node (:mod:`node.registration`), with no call per request.
 
-``GET /chunks/{id}?src=URL&off=INT&len=INT&path=CACHEPATH``
+``GET /chunks/{id}?path=CACHEPATH``
     200 with exactly the chunk's bytes; ``X-Sdcache-Hit: 1`` from the pool,
-    ``0`` read through from *src*. Without src/off/len a pool miss is 404.
-    Every chunk is verified before it is served.
+    ``0`` read through. On a miss the node reads *path*'s committed manifest
+    and, if it holds the chunk, that entry's byte range of its source; a
+    request never names a URL or range (``src``/``off``/``len`` are 400).
+    Without *path* a pool miss is 404. Every chunk is verified before it is
+    served. 503 ``Overloaded`` with ``Retry-After`` when the bytes in flight
+    would pass ``--max-inflight``.
 ``HEAD /chunks/{id}``
     200 if the pool holds it, else 404.
 ``POST /has`` ``{"ids": [...]}`` -> ``{"present": [...]}``
-``POST /warm`` ``{"path", "chunks": [{"id", "src", "off", "len"}]}`` ->
+``POST /warm`` ``{"path", "ids": [...]}`` ->
     ``{"loaded", "bytes", "present", "failed": [{"id", "error", "message"}], "no_space"}``
 ``POST /evict`` ``{"path", "ids"?}`` -> ``{"chunks", "bytes"}``
 ``GET /stats``, ``GET /healthz``
 
 Errors are JSON ``{"error": ClassName, "message": ...}`` with the class's
-HTTP status; :func:`sdcache.errors.from_wire` rebuilds them.
+HTTP status (401 no or bad token, 403 wrong role);
+:func:`sdcache.errors.from_wire` rebuilds them.
 """
 
 from __future__ import annotations
@@ -28,13 +38,12 @@ import re
 import signal
 import socket
 import sys
-import tempfile
 from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 
-from sdcache import DEFAULT_META
+from sdcache import DEFAULT_META, auth, tls
 from sdcache import paths as cache_paths
 from sdcache._proto import meta_pb2 as pb
 from sdcache.chunking import CHUNK_SIZE
@@ -42,14 +51,17 @@ from sdcache.errors import (
     CapacityExceeded,
     InvalidArgument,
     NotFound,
+    Overloaded,
     SdcacheError,
     StaleSource,
+    Unavailable,
     error_name,
 )
 from sdcache.hostid import host_id
 from sdcache.units import format_size, parse_size
 
-from .pool import ChunkPool
+from .locator import SourceLocator, SourceRange
+from .pool import ChunkPool, default_pool_dir
 from .registration import Registration
 from .singleflight import SingleFlight
 from .underfs import UnderStore
@@ -58,7 +70,10 @@ log = logging.getLogger(__name__)
 
 ROLES = ("gpu", "memory")
 WARM_CONCURRENCY = 8  # chunks one /warm request loads at a time
-MAX_BODY = 64 << 20  # /warm and /has bodies list thousands of chunks
+MAX_BODY = 8 << 20  # /warm, /has and /evict list up to ~100,000 ids
+MAX_IDS = 100_000  # ids one request may name
+DEFAULT_MAX_INFLIGHT = 512 << 20  # chunk bytes held for requests at once
+RETRY_AFTER_S = 1
 BACKLOG = 2048
 KEEPALIVE_S = 75.0
 HIT_HEADER = "X-Sdcache-Hit"
@@ -69,12 +84,53 @@ _HEX = re.compile(r"[0-9a-f]{32}")
 # --------------------------------------------------------------------------- the node's logic
 
 
-class ChunkService:
-    """Serve chunks from the pool, reading through from the under-store on a miss."""
+class InflightBudget:
+    """Bytes of chunk data the node holds for requests at once, bounded.
 
-    def __init__(self, pool: ChunkPool, under: UnderStore | None = None) -> None:
+    Reads take their chunk's size before touching the pool and give it back
+    when the response is written; over the bound a read is refused
+    (:class:`Overloaded`, 503 + ``Retry-After``) rather than queued, so a
+    client tries another node. Warm-ups wait for room instead.
+    """
+
+    def __init__(self, limit: int) -> None:
+        if limit < CHUNK_SIZE:
+            raise InvalidArgument(f"--max-inflight must be at least one chunk ({format_size(CHUNK_SIZE)})")
+        self.limit = limit
+        self.used = 0
+        self.refused = 0
+        self._freed = asyncio.Condition()
+
+    def try_take(self, n: int) -> None:
+        if self.used + n > self.limit:
+            self.refused += 1
+            raise Overloaded(f"node busy: {format_size(self.used)} of {format_size(self.limit)} in flight; "
+                             f"retry in {RETRY_AFTER_S}s or ask another node")
+        self.used += n
+
+    async def take(self, n: int) -> None:
+        async with self._freed:
+            await self._freed.wait_for(lambda: self.used + n <= self.limit)
+            self.used += n
+
+    async def give(self, n: int) -> None:
+        self.used -= n
+        async with self._freed:
+            self._freed.notify_all()
+
+
+class ChunkService:
+    """Serve chunks from the pool, reading through from the under-store on a miss.
+
+    Read-through reads only ranges that *locator* finds in committed manifests.
+    """
+
+    def __init__(self, pool: ChunkPool, under: UnderStore | None = None, *,
+                 locator: SourceLocator | None = None, max_inflight: int = DEFAULT_MAX_INFLIGHT) -> None:
         self.pool = pool
         self.under = under or UnderStore()
+        self.locator = locator or SourceLocator(None)
+        self.budget = InflightBudget(max_inflight)
         self.flights: SingleFlight[str, tuple[bytes, bool]] = SingleFlight()
         self._flight_src: dict[str, str] = {}
 
@@ -84,14 +140,16 @@ class ChunkService:
             return self.pool.get(chunk_id, path)  # counts the miss; touches no file
         return await asyncio.to_thread(self.pool.get, chunk_id, path)
 
-    async def read_through(self, chunk_id: str, src: str, off: int, length: int, path: str | None) -> tuple[bytes, bool]:
+    async def read_through(self, chunk_id: str, where: SourceRange, path: str | None) -> tuple[bytes, bool]:
         """Fetch a chunk from the under-store (one fetch per id at a time) and keep it if it fits.
 
-        Returns (bytes, kept). Raises StaleSource or Unavailable.
+        *where* comes from a committed manifest (:class:`SourceLocator`), never
+        from a request. Returns (bytes, kept). Raises StaleSource or Unavailable.
         """
+        src = where.url
 
         async def flight() -> tuple[bytes, bool]:
-            data = await self.under.read(src, off, length, chunk_id)
+            data = await self.under.read(src, where.offset, where.length, chunk_id)
             try:
                 await asyncio.to_thread(self.pool.put, chunk_id, data, path)
             except CapacityExceeded as e:
@@ -112,7 +170,7 @@ class ChunkService:
             # found it changed; our own source may still be good.
             if flight_src is None or flight_src == src:
                 raise
-            return await self.read_through(chunk_id, src, off, length, path)
+            return await self.read_through(chunk_id, where, path)
         finally:
             if not self.flights.in_flight(chunk_id):
                 self._flight_src.pop(chunk_id, None)
@@ -120,59 +178,58 @@ class ChunkService:
             self.pool.touch(chunk_id, path)
         return data, kept
 
-    async def get(
-        self, chunk_id: str, src: str | None, off: int, length: int, path: str | None
-    ) -> tuple[bytes, bool]:
-        """(bytes, hit): from the pool if it holds a good copy, else read through."""
+    async def get(self, chunk_id: str, path: str | None) -> tuple[bytes, bool]:
+        """(bytes, hit): from the pool if it holds a good copy, else read through from *path*'s manifest."""
         data = await self.read_pool(chunk_id, path)
         if data is not None:
             return data, True
-        if src is None:
+        if path is None:
             raise NotFound(f"chunk {chunk_id} is not in this node's pool")
-        data, _ = await self.read_through(chunk_id, src, off, length, path)
+        where = await self.locator.locate(path, chunk_id)
+        data, _ = await self.read_through(chunk_id, where, path)
         return data, False
 
-    async def warm(self, path: str | None, chunks: list[dict[str, Any]]) -> dict[str, Any]:
-        """Load *chunks* of *path* into the pool, up to WARM_CONCURRENCY at a time."""
+    async def warm(self, path: str, ids: list[str]) -> dict[str, Any]:
+        """Load chunks *ids* of file *path* into the pool, up to WARM_CONCURRENCY at a time."""
         result: dict[str, Any] = {"loaded": 0, "bytes": 0, "present": 0, "failed": [], "no_space": 0}
         sem = asyncio.Semaphore(WARM_CONCURRENCY)
 
-        async def one(chunk_id: str, src: str, off: int, length: int) -> None:
+        async def one(chunk_id: str) -> None:
             async with sem:
                 if self.pool.touch(chunk_id, path):
                     result["present"] += 1
                     return
-                if not self.pool.can_admit(length, path):
-                    result["no_space"] += 1
-                    return
                 try:
-                    _, kept = await self.read_through(chunk_id, src, off, length, path)
+                    where = await self.locator.locate(path, chunk_id)
+                    if not self.pool.can_admit(where.length, path):
+                        result["no_space"] += 1
+                        return
+                    await self.budget.take(where.length)
+                    try:
+                        _, kept = await self.read_through(chunk_id, where, path)
+                    finally:
+                        await self.budget.give(where.length)
                 except SdcacheError as e:
                     result["failed"].append({"id": chunk_id, "error": error_name(e), "message": str(e)})
                     return
                 if kept:
                     result["loaded"] += 1
-                    result["bytes"] += length
+                    result["bytes"] += where.length
                 else:
                     result["no_space"] += 1
 
-        parsed = list({c[0]: c for c in map(_parse_warm_chunk, chunks)}.values())  # each id once
         async with asyncio.TaskGroup() as tg:
-            for c in parsed:
-                tg.create_task(one(*c))
+            for chunk_id in dict.fromkeys(ids):  # each id once
+                tg.create_task(one(chunk_id))
         return result
 
 
-def _parse_warm_chunk(c: Any) -> tuple[str, str, int, int]:
-    if not isinstance(c, dict):
-        raise InvalidArgument("each chunk must be an object with id, src, off, len")
-    chunk_id, src, off, length = c.get("id"), c.get("src"), c.get("off"), c.get("len")
-    _check_id(chunk_id)
-    if not isinstance(src, str) or not src:
-        raise InvalidArgument(f"chunk {chunk_id}: src must be a non-empty string")
-    if not isinstance(off, int) or not isinstance(length, int) or off < 0 or not 0 <= length <= CHUNK_SIZE:
-        raise InvalidArgument(f"chunk {chunk_id}: off/len must be integers, 0 <= len <= {CHUNK_SIZE}")
-    return chunk_id, src, off, length
+def _check_ids(ids: Any, what: str) -> list[str]:
+    if not isinstance(ids, list):
+        raise InvalidArgument(f'{what}: "ids" must be a list of chunk ids')
+    if len(ids) > MAX_IDS:
+        raise InvalidArgument(f"{what}: at most {MAX_IDS} ids per request, got {len(ids)}")
+    return [_check_id(i) for i in ids]
 
 
 def _check_id(chunk_id: Any) -> str:
@@ -191,7 +248,28 @@ def _opt_path(path: Any) -> str | None:
 
 
 def _error_response(exc: SdcacheError) -> web.Response:
-    return web.json_response({"error": error_name(exc), "message": str(exc)}, status=exc.http_status)
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.http_status == 503 else None
+    if exc.http_status == 401:
+        headers = {"WWW-Authenticate": 'Bearer realm="sdcache"'}
+    return web.json_response({"error": error_name(exc), "message": str(exc)}, status=exc.http_status,
+                             headers=headers)
+
+
+def _auth(verifier: auth.TokenVerifier) -> Callable[..., Any]:
+    """Checks every request's bearer token and role before its handler runs."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Callable[..., Any]) -> web.StreamResponse:
+        resource = request.match_info.route.resource
+        if resource is None:  # 404/405: aiohttp answers, nothing is read
+            return await handler(request)
+        need = auth.HTTP_ROLES.get((request.method, resource.canonical), "admin")  # a route missing from the table is admin-only
+        if need is not None and verifier.enabled and not verifier.ready:
+            raise Unavailable("this node has not loaded its token keys from the metadata service yet")
+        verifier.check(auth.bearer(request.headers.get("Authorization")), need)
+        return await handler(request)
+
+    return middleware
 
 
 @web.middleware
@@ -217,25 +295,20 @@ async def _json(request: web.Request) -> dict[str, Any]:
     return body
 
 
-def _int_param(q: Any, name: str) -> int:
-    raw = q.get(name)
-    if raw is None:
-        raise InvalidArgument(f"{name} is required with src")
-    try:
-        return int(raw)
-    except ValueError:
-        raise InvalidArgument(f"{name} must be an integer, not {raw!r}") from None
+_REFUSED_PARAMS = ("src", "off", "len")
 
 
 class NodeApp:
     """The aiohttp handlers of one node."""
 
-    def __init__(self, service: ChunkService, info: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, service: ChunkService, info: Callable[[], dict[str, Any]],
+                 verifier: auth.TokenVerifier) -> None:
         self.service = service
         self._info = info
+        self.verifier = verifier
 
     def make_app(self) -> web.Application:
-        app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY)
+        app = web.Application(middlewares=[_errors, _auth(self.verifier)], client_max_size=MAX_BODY)
         r = app.router
         r.add_get("/chunks/{id}", self.get_chunk, allow_head=False)
         r.add_route("HEAD", "/chunks/{id}", self.head_chunk)
@@ -249,24 +322,29 @@ class NodeApp:
     async def get_chunk(self, request: web.Request) -> web.StreamResponse:
         chunk_id = _check_id(request.match_info["id"])
         q = request.query
-        src = q.get("src") or None
-        off = length = 0
-        if src is not None:
-            off, length = _int_param(q, "off"), _int_param(q, "len")
-            if off < 0 or not 0 <= length <= CHUNK_SIZE:
-                raise InvalidArgument(f"need off >= 0 and 0 <= len <= {CHUNK_SIZE}")
+        refused = [p for p in _REFUSED_PARAMS if p in q]
+        if refused:
+            raise InvalidArgument(f"{', '.join(refused)} not accepted: a node reads only byte ranges of "
+                                  "committed manifests; send path=CACHEPATH")
         path = _opt_path(q.get("path"))
-        data, hit = await self.service.get(chunk_id, src, off, length, path)
-        self.service.pool.record_served(len(data))
-        # StreamResponse with the headers sent on their own: aiohttp would
-        # otherwise join them with the body, one more 4 MiB copy per GET on
-        # Python 3.11 (see benchmarks/bench_node.py).
-        resp = web.StreamResponse(headers={HIT_HEADER: "1" if hit else "0", "Content-Type": _OCTETS})
-        resp.content_length = len(data)
-        await resp.prepare(request)
-        request.writer.send_headers()
-        await resp.write(data)
-        await resp.write_eof()
+        budget = self.service.budget
+        reserved = self.service.pool.size_of(chunk_id) or CHUNK_SIZE
+        budget.try_take(reserved)
+        try:
+            data, hit = await self.service.get(chunk_id, path)
+            self.service.pool.record_served(len(data))
+            # StreamResponse with the headers sent on their own: aiohttp would
+            # otherwise join them with the body, one more 4 MiB copy per GET on
+            # Python 3.11 (see benchmarks/bench_node.py).
+            resp = web.StreamResponse(headers={HIT_HEADER: "1" if hit else "0", "Content-Type": _OCTETS})
+            resp.content_length = len(data)
+            await resp.prepare(request)
+            request.writer.send_headers()
+            await resp.write(data)
+            del data
+            await resp.write_eof()
+        finally:
+            await budget.give(reserved)
         return resp
 
     async def head_chunk(self, request: web.Request) -> web.StreamResponse:
@@ -277,24 +355,24 @@ class NodeApp:
         return web.Response(status=200, headers={"Content-Length": str(size)})
 
     async def has(self, request: web.Request) -> web.StreamResponse:
-        ids = (await _json(request)).get("ids")
-        if not isinstance(ids, list):
-            raise InvalidArgument('body must be {"ids": [chunk ids]}')
-        return web.json_response({"present": self.service.pool.present(i for i in ids if isinstance(i, str))})
+        ids = _check_ids((await _json(request)).get("ids"), "has")
+        return web.json_response({"present": self.service.pool.present(ids)})
 
     async def warm(self, request: web.Request) -> web.StreamResponse:
         body = await _json(request)
-        chunks = body.get("chunks")
-        if not isinstance(chunks, list):
-            raise InvalidArgument('body must be {"path": p, "chunks": [{"id", "src", "off", "len"}]}')
-        return web.json_response(await self.service.warm(_opt_path(body.get("path")), chunks))
+        if "chunks" in body:
+            raise InvalidArgument('warm takes {"path": p, "ids": [...]}: a node reads only committed manifests')
+        path = _opt_path(body.get("path"))
+        if path is None:
+            raise InvalidArgument('warm needs the file\'s "path"')
+        return web.json_response(await self.service.warm(path, _check_ids(body.get("ids"), "warm")))
 
     async def evict(self, request: web.Request) -> web.StreamResponse:
         body = await _json(request)
         path = _opt_path(body.get("path"))
         ids = body.get("ids")
-        if ids is not None and (not isinstance(ids, list) or not all(isinstance(i, str) for i in ids)):
-            raise InvalidArgument("ids must be a list of chunk ids")
+        if ids is not None:
+            ids = _check_ids(ids, "evict")
         if path is None and ids is None:
             raise InvalidArgument("evict needs a path, ids or both")
         n, nbytes = await asyncio.to_thread(self.service.pool.evict, path, ids)
@@ -304,6 +382,10 @@ class NodeApp:
         s: dict[str, Any] = self.service.pool.stats().as_dict()
         s.update(self.service.under.stats.as_dict())
         s["singleflight_joined"] = self.service.flights.joined
+        s["inflight_bytes"] = self.service.budget.used
+        s["inflight_limit"] = self.service.budget.limit
+        s["overloaded"] = self.service.budget.refused
+        s["manifest_lookups"] = self.service.locator.lookups
         s.update(self._info())
         return web.json_response(s)
 
@@ -324,11 +406,6 @@ def split_hostport(text: str) -> tuple[str, int]:
 
 def join_hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def default_pool_dir(node_id: str) -> str:
-    base = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
-    return os.path.join(base, "sdcache", re.sub(r"[^A-Za-z0-9._-]", "_", node_id))
 
 
 def _free_bytes(path: str) -> int:
@@ -360,6 +437,10 @@ class NodeServer:
         pool_dir: str | None = None,
         node_id: str | None = None,
         advertise: str | None = None,
+        credentials: tls.Credentials | None = None,
+        insecure_no_auth: bool = False,
+        require_client_cert: bool = False,
+        max_inflight: int = DEFAULT_MAX_INFLIGHT,
     ) -> None:
         if role not in ROLES:
             raise InvalidArgument(f"role must be one of {', '.join(ROLES)}, not {role!r}")
@@ -372,6 +453,17 @@ class NodeServer:
         self.node_id = node_id
         self.pool_dir = pool_dir
         self.advertise = advertise
+        self.credentials = credentials or tls.Credentials()
+        self.require_client_cert = require_client_cert
+        self.max_inflight = max_inflight
+        if meta is None and not insecure_no_auth:
+            raise InvalidArgument("a node without a metadata service (--meta none) cannot check tokens: "
+                                  "pass --insecure-no-auth to run it open")
+        if meta is not None and not self.credentials.token and not insecure_no_auth:
+            raise InvalidArgument("a node needs a node token: --token-file FILE, $SDCACHE_TOKEN or "
+                                  "$SDCACHE_TOKEN_FILE (create one with `sdcache token create --role node`)")
+        # Until the metadata service hands over its keys, requests get 503.
+        self.verifier = auth.TokenVerifier(enabled=not insecure_no_auth)
         self.address = ""  # host:port bound, once started
         self.pool: ChunkPool | None = None
         self.service: ChunkService | None = None
@@ -416,7 +508,10 @@ class NodeServer:
             bound_host, bound_port = sock.getsockname()[:2]
             self.address = join_hostport(host if host else bound_host, bound_port)
             if self.node_id is None:
-                self.node_id = f"{socket.gethostname()}-{bound_port}"
+                # Stable across restarts, so the default pool directory is too;
+                # a second node on this host needs its own --node-id (the pool
+                # lock says so).
+                self.node_id = socket.gethostname()
             if self.advertise is None and host in ("0.0.0.0", "::", ""):
                 self.advertise = join_hostport(socket.gethostname(), bound_port)
             pool_dir = self.pool_dir or default_pool_dir(self.node_id)
@@ -427,22 +522,33 @@ class NodeServer:
                     f"--capacity {format_size(self.capacity)} is more than {pool_dir} can hold "
                     f"({format_size(free)} free)"
                 )
-            pool = ChunkPool(pool_dir, self.capacity)
+            ssl_context = None
+            if self.credentials.tls:
+                ssl_context = self.credentials.tls.server_context(require_client_cert=self.require_client_cert)
+            pool = self.pool = ChunkPool(pool_dir, self.capacity)
             await asyncio.to_thread(pool.load, workers=min(8, os.cpu_count() or 1))
-            self.pool = pool
-            self.service = ChunkService(pool)
-            app = NodeApp(self.service, self._info).make_app()
+            if self.meta:
+                self.registration = Registration(self.meta, self._node_pb, pool, credentials=self.credentials,
+                                                 verifier=self.verifier)
+                reg = self.registration
+                locator = SourceLocator(reg.get_manifest, lambda: reg.store_url)
+            else:
+                locator = SourceLocator(None)
+            self.service = ChunkService(pool, locator=locator, max_inflight=self.max_inflight)
+            app = NodeApp(self.service, self._info, self.verifier).make_app()
             self._runner = web.AppRunner(app, access_log=None, keepalive_timeout=KEEPALIVE_S)
             await self._runner.setup()
-            site = web.SockSite(self._runner, sock, backlog=BACKLOG)
+            site = web.SockSite(self._runner, sock, backlog=BACKLOG, ssl_context=ssl_context)
             await site.start()
         except BaseException:
             sock.close()
             if self._runner is not None:
                 await self._runner.cleanup()
+            if self.pool is not None:
+                self.pool.close()
+                self.pool = None
             raise
-        if self.meta:
-            self.registration = Registration(self.meta, self._node_pb, pool)
+        if self.registration is not None:
             self._reg_task = asyncio.get_running_loop().create_task(self.registration.run())
         log.info("node %s serving %s (pool %s, capacity %s)", self.node_id, self.address, pool.pool_dir,
                  format_size(self.capacity))
@@ -463,6 +569,8 @@ class NodeServer:
             self._runner = None
         if self.service is not None:
             await self.service.flights.close()
+        if self.pool is not None:
+            self.pool.close()
 
 
 async def serve(
@@ -477,11 +585,15 @@ async def serve(
     ready_file: str | None = None,
     stop: asyncio.Event | None = None,
     on_ready: Callable[[NodeServer], None] | None = None,
+    **options: Any,
 ) -> None:
-    """Run a node until *stop* is set (or forever); prints the readiness line."""
+    """Run a node until *stop* is set (or forever); prints the readiness line.
+
+    *options* are :class:`NodeServer`'s auth, TLS and bound keywords.
+    """
     server = NodeServer(
         capacity=capacity, listen=listen, meta=meta, role=role, pool_dir=pool_dir,
-        node_id=node_id, advertise=advertise,
+        node_id=node_id, advertise=advertise, **options,
     )
     address = await server.start()
     try:
@@ -510,8 +622,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--role", choices=ROLES, default="memory", help="gpu or memory (default %(default)s)")
     parser.add_argument("--pool-dir", default=None,
                         help="shared-memory pool directory (default /dev/shm/sdcache/<node-id>)")
-    parser.add_argument("--node-id", default=None, help="node id (default <hostname>-<port>)")
+    parser.add_argument("--node-id", default=None,
+                        help="node id (default: the host name; a second node on one host needs its own)")
     parser.add_argument("--ready-file", default=None, help="write HOST:PORT here once listening")
+    parser.add_argument("--max-inflight", default="512MiB",
+                        help="chunk bytes held for requests at once; more get 503 + Retry-After "
+                        "(default %(default)s)")
+    parser.add_argument("--insecure-no-auth", action="store_true",
+                        help="send no token and, with --meta none, accept every request (never on a shared network)")
+    tls.add_server_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -520,7 +639,11 @@ def main(args: argparse.Namespace) -> int:
     try:
         capacity = parse_size(args.capacity)
         split_hostport(args.listen)
-        return asyncio.run(_run(args, capacity))
+        credentials = tls.Credentials(
+            None if args.insecure_no_auth else auth.resolve_token(args.token_file),
+            tls.TlsFiles.resolve(args.tls_cert, args.tls_key, args.tls_ca, env={}),
+        )
+        return asyncio.run(_run(args, capacity, credentials))
     except SdcacheError as e:
         print(f"sdcache node: error: {e}", file=sys.stderr)
         return 2
@@ -531,7 +654,7 @@ def main(args: argparse.Namespace) -> int:
         return 130
 
 
-async def _run(args: argparse.Namespace, capacity: int) -> int:
+async def _run(args: argparse.Namespace, capacity: int, credentials: tls.Credentials) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -540,6 +663,8 @@ async def _run(args: argparse.Namespace, capacity: int) -> int:
     await serve(
         capacity=capacity, listen=args.listen, meta=meta, role=args.role, pool_dir=args.pool_dir,
         node_id=args.node_id, advertise=getattr(args, "advertise", None), ready_file=args.ready_file, stop=stop,
+        credentials=credentials, insecure_no_auth=args.insecure_no_auth,
+        require_client_cert=args.tls_require_client_cert, max_inflight=parse_size(args.max_inflight),
     )
     log.info("node stopped")
     return 0

@@ -1,19 +1,65 @@
 #!/usr/bin/env bash
 # Install sdcache and everything its tests need on a fresh Debian/Ubuntu machine.
-# System packages: fuse3 + libfuse3-dev + pkg-config (for pyfuse3 and FUSE mounts).
+# System packages:
+#   fuse3 libfuse3-dev pkg-config  pyfuse3's build and FUSE mounts
+#   g++ ninja-build                the CPU flash kernel, built on first use by torch.utils.cpp_extension
+#   iproute2 openssl               network namespaces and TLS certificates in the tests
+#   python3-dev python3-pip        Python.h for those builds and pip itself, when the interpreter lacks them
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SUDO=""
 if [[ $(id -u) -ne 0 ]]; then SUDO="sudo"; fi
+PY=${PYTHON:-python3}
+
+retry() {  # retry CMD...: a flaky mirror gets four tries, 5, 10 and 20 s apart
+    local try=1
+    until "$@"; do
+        if ((try == 4)); then
+            echo "install.sh: failed $try times: $*" >&2
+            return 1
+        fi
+        sleep $((5 << (try - 1)))
+        try=$((try + 1))
+    done
+}
+
+has_pip_and_headers() {
+    command -v "$PY" >/dev/null && "$PY" -c '
+import os, sysconfig, pip
+assert os.path.exists(os.path.join(sysconfig.get_path("include"), "Python.h"))' 2>/dev/null
+}
+
 if command -v apt-get >/dev/null; then
     export DEBIAN_FRONTEND=noninteractive
-    $SUDO apt-get update -qq
-    $SUDO apt-get install -y -qq fuse3 libfuse3-dev pkg-config >/dev/null
+    apt=($SUDO apt-get -qq -y -o Acquire::Retries=3 -o DPkg::Lock::Timeout=300)
+    packages=(fuse3 libfuse3-dev pkg-config g++ ninja-build iproute2 openssl)
+    if ! has_pip_and_headers; then packages+=(python3 python3-dev python3-pip); fi
+    retry "${apt[@]}" update
+    retry "${apt[@]}" install "${packages[@]}" >/dev/null
 fi
-PY=${PYTHON:-python3}
+
+pip=("$PY" -m pip install -q --disable-pip-version-check)
+# PEP 668: a distribution's python (Debian 12, Ubuntu 23.04 and later) marks its stdlib
+# EXTERNALLY-MANAGED and pip then refuses to install outside a virtualenv. The README runs
+# the tests with the bare `python3`, so this installs into that interpreter on purpose;
+# inside an active virtualenv pip ignores the marker and the packages go into the venv.
+if "$PY" - <<'EOF'
+import os, sys, sysconfig
+in_venv = sys.prefix != sys.base_prefix
+marked = os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED"))
+sys.exit(0 if marked and not in_venv else 1)
+EOF
+then
+    if "$PY" -c 'import sys, pip; sys.exit(tuple(map(int, pip.__version__.split(".")[:3])) < (23, 0, 1))' 2>/dev/null; then
+        pip+=(--break-system-packages)
+    else
+        export PIP_BREAK_SYSTEM_PACKAGES=1  # a pip without the option (or with a version we cannot parse)
+    fi
+fi
+
 # torch first, pinned to the CPU build this image ships, so no extra pulls a CUDA build.
-$PY -m pip install -q --disable-pip-version-check 'torch==2.13.0' || $PY -m pip install -q 'torch>=2.3'
-$PY -m pip install -q --disable-pip-version-check -e '.[test,s3,fuse,runner,triton]'
+"${pip[@]}" 'torch==2.13.0' || "${pip[@]}" 'torch>=2.3'
+"${pip[@]}" -e '.[test,s3,fuse,runner,triton]'
 # The CLIP BPE vocabulary ships inside open_clip_torch; only that file is read, so skip its
 # dependencies (its torchvision pin would pull a second, CUDA torch).
-$PY -m pip install -q --disable-pip-version-check --no-deps open_clip_torch
+"${pip[@]}" --no-deps open_clip_torch

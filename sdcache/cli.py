@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import __version__, errors
+from . import __version__, errors, tls
 from .units import format_size
 
 log = logging.getLogger("sdcache")
@@ -31,16 +31,62 @@ def _progress(total: int, desc: str, quiet: bool = False) -> Any:
                 disable=quiet or None, leave=False, file=sys.stderr)
 
 
+def _credentials(args: argparse.Namespace) -> Any:
+    from .tls import Credentials
+
+    return Credentials.from_args(args)
+
+
 def _meta(args: argparse.Namespace) -> Any:
     from sdcache.client.metaclient import shared_client
 
-    return shared_client(args.meta)
+    return shared_client(args.meta, _credentials(args))
 
 
 def _fs(args: argparse.Namespace) -> Any:
     from sdcache.client.fs import SdcacheFileSystem
 
-    return SdcacheFileSystem(meta=args.meta)
+    c = _credentials(args)
+    t = c.tls
+    return SdcacheFileSystem(meta=args.meta, token=c.token, tls_ca=t and t.ca, tls_cert=t and t.cert,
+                             tls_key=t and t.key)
+
+
+# -- tokens ----------------------------------------------------------------------
+def _token_row(t: Any) -> dict[str, Any]:
+    return {"name": t.name, "role": t.role, "created": t.created, "expires": t.expires or None,
+            "revoked": t.revoked or None}
+
+
+def _when(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts)) if ts else "-"
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from .units import parse_duration
+
+    meta = _meta(args)
+    if args.token_command == "create":
+        resp = meta.create_token(args.role, name=args.name or "", ttl=parse_duration(args.ttl) if args.ttl else 0)
+        if args.json:
+            _print_json({"token": resp.token, **_token_row(resp.info)})
+        else:
+            print(resp.token)  # alone on stdout (contract): `sdcache token create ... > node.token`
+        return 0
+    if args.token_command == "list":
+        rows = [_token_row(t) for t in meta.list_tokens()]
+        if args.json:
+            _print_json(rows)
+            return 0
+        print(f"{'NAME':<32} {'ROLE':<6} {'CREATED (UTC)':<19} {'EXPIRES (UTC)':<19} REVOKED (UTC)")
+        for t in meta.list_tokens():
+            print(f"{t.name:<32} {t.role or '-':<6} {_when(t.created):<19} {_when(t.expires):<19} {_when(t.revoked)}")
+        return 0
+    info = meta.revoke_token(args.name)
+    if not args.quiet:
+        print(f"revoked {info.name} (at {_when(info.revoked)} UTC); nodes refuse it after their next heartbeat",
+              file=sys.stderr)
+    return 0
 
 
 def _print_json(doc: Any) -> None:
@@ -272,10 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     parser.add_argument("--meta", metavar="HOST:PORT",
                         help="metadata service (default: $SDCACHE_META, else 127.0.0.1:7070)")
+    tls.add_arguments(parser)
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--meta", metavar="HOST:PORT", default=argparse.SUPPRESS,
                         help="metadata service (default: $SDCACHE_META, else 127.0.0.1:7070)")
+    tls.add_arguments(common, suppress=True)
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summaries")
 
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -349,6 +397,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stats", parents=[common], help="cluster statistics")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("token", help="create, list and revoke bearer tokens (admin)")
+    tsub = p.add_subparsers(dest="token_command", metavar="ACTION", required=True)
+    t = tsub.add_parser("create", parents=[common], help="issue a token; prints it alone on stdout")
+    t.add_argument("--role", required=True, choices=("read", "node", "admin"))
+    t.add_argument("--name", help="unique name, used to revoke it (default: generated)")
+    t.add_argument("--ttl", help="lifetime, e.g. 3600, 90m, 12h, 30d (default: never expires)")
+    t.add_argument("--json", action="store_true", help="print name, role and times too")
+    t.set_defaults(func=cmd_token)
+    t = tsub.add_parser("list", parents=[common], help="every token issued (never the tokens themselves)")
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(func=cmd_token)
+    t = tsub.add_parser("revoke", parents=[common], help="revoke every token of NAME")
+    t.add_argument("name")
+    t.set_defaults(func=cmd_token)
 
     _add_external(sub, "mount", "sdcache.client.fuse", "mount the cache as a read-only folder (FUSE)",
                   add="add_mount_arguments", main="main_mount")

@@ -3,6 +3,10 @@
 Used by ``sdcache up`` (in the foreground until Ctrl-C), ``sdcache demo``,
 the tests and the benchmarks. Children report readiness through a ready file
 (``HOST:PORT``), so ports can be 0 and nothing waits on a fixed sleep.
+
+Auth stays on: the metadata service writes ``DATA/admin.token`` on its first
+start; the cluster uses it to issue one node token (kept in
+``DATA/node.token``, 0600) and hands that to its own nodes.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import errors
+from . import auth, errors
+from .tls import Credentials
 from .units import format_size, parse_size
 
 READY_TIMEOUT = 30.0
@@ -88,8 +93,25 @@ class LocalCluster:
     heartbeat_interval: float = 0.5
     pool_root: str = ""
     env: dict[str, str] = field(default_factory=dict)
+    token_key: str | None = None  # --token-key for the metadata service (default DATA/token.key)
+    meta_args: list[str] = field(default_factory=list)
+    node_args: list[str] = field(default_factory=list)
     meta: Child | None = None
     node_children: list[Child] = field(default_factory=list)
+    admin_token: str = ""  # for this cluster's own calls, and for tests and benchmarks
+
+    @property
+    def admin_token_file(self) -> str:
+        return os.path.join(self.data_dir, "admin.token")
+
+    @property
+    def node_token_file(self) -> str:
+        return os.path.join(self.data_dir, "node.token")
+
+    @property
+    def credentials(self) -> Credentials:
+        """Admin credentials for this cluster (TLS files from the environment, as any client)."""
+        return Credentials.resolve(token=self.admin_token or None)
 
     @property
     def meta_addr(self) -> str:
@@ -108,16 +130,19 @@ class LocalCluster:
         os.makedirs(self.data_dir, exist_ok=True)
         if not self.pool_root:
             self.pool_root = tempfile.mkdtemp(prefix="sdcache-pool-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        key = ["--token-key", self.token_key] if self.token_key else []
         self.meta = Child(
             "metadata service",
             self._cmd("meta", "--data", self.data_dir, "--listen", self.meta_listen,
                       "--heartbeat-interval", str(self.heartbeat_interval),
-                      "--ready-file", os.path.join(self.data_dir, "meta.ready")),
+                      "--ready-file", os.path.join(self.data_dir, "meta.ready"), *key, *self.meta_args),
             os.path.join(self.data_dir, "meta.ready"),
             os.path.join(self.data_dir, "meta.log"),
         )
         self.meta.start(self._env())
         self.meta.wait_ready()
+        if "--insecure-no-auth" not in self.meta_args:
+            self._issue_tokens()
         for i in range(self.nodes):
             self.add_node(i)
         for child in self.node_children:
@@ -125,13 +150,33 @@ class LocalCluster:
         self.wait_nodes(self.nodes)
         return self
 
+    def _issue_tokens(self) -> None:
+        """The admin token the service wrote, and a node token for our nodes (made once, then reused)."""
+        from sdcache.client.metaclient import MetaClient
+
+        if os.path.exists(self.admin_token_file):
+            self.admin_token = auth.read_token_file(self.admin_token_file)
+        else:  # a data directory whose admin token was moved away: the caller's own token must do
+            self.admin_token = auth.resolve_token() or ""
+        if os.path.exists(self.node_token_file):
+            return
+        client = MetaClient(self.meta_addr, credentials=self.credentials)
+        try:
+            token = client.create_token("node", name=f"local-nodes-{os.getpid()}-{int(time.time())}").token
+        finally:
+            client.close()
+        auth.write_secret(self.node_token_file, (token + "\n").encode())
+
     def add_node(self, i: int, capacity: int | None = None, role: str = "memory") -> Child:
         pool = os.path.join(self.pool_root, f"node{i}")
+        token = (["--token-file", self.node_token_file] if "--insecure-no-auth" not in self.meta_args
+                 else ["--insecure-no-auth"])
         child = Child(
             f"node {i}",
             self._cmd("node", "--meta", self.meta_addr, "--listen", "127.0.0.1:0",
                       "--capacity", str(capacity or self.capacity), "--role", role, "--pool-dir", pool,
-                      "--node-id", f"node{i}", "--ready-file", os.path.join(self.data_dir, f"node{i}.ready")),
+                      "--node-id", f"node{i}", "--ready-file", os.path.join(self.data_dir, f"node{i}.ready"),
+                      *token, *self.node_args),
             os.path.join(self.data_dir, f"node{i}.ready"),
             os.path.join(self.data_dir, f"node{i}.log"),
         )
@@ -146,7 +191,7 @@ class LocalCluster:
         """Block until the metadata service lists *count* live nodes."""
         from sdcache.client.metaclient import MetaClient
 
-        client = MetaClient(self.meta_addr)
+        client = MetaClient(self.meta_addr, credentials=self.credentials)
         try:
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
@@ -216,7 +261,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"sdcache up: metadata service on {cluster.meta_addr} (data in {cluster.data_dir})", flush=True)
         for c in cluster.node_children:
             print(f"  {c.name} on {c.address}, {format_size(capacity)} pool", flush=True)
-        print(f"export SDCACHE_META={cluster.meta_addr}   # then: sdcache import ..., sdcache ls -l /", flush=True)
+        print(f"export SDCACHE_META={cluster.meta_addr} SDCACHE_TOKEN_FILE={cluster.admin_token_file}"
+              "   # then: sdcache import ..., sdcache ls -l /", flush=True)
         print("Ctrl-C stops the cluster.", flush=True)
         while not stop:
             for c in [cluster.meta, *cluster.node_children]:

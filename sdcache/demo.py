@@ -62,7 +62,8 @@ def _run(meta: str, model: str, size: int, cluster: object, args: argparse.Names
     from .client.fs import SdcacheFileSystem
     from .client.importer import import_file
 
-    fs = SdcacheFileSystem(meta=meta)
+    token = getattr(cluster, "admin_token", None) or None
+    fs = SdcacheFileSystem(meta=meta, token=token)
     dest = "/demo/" + os.path.basename(model)
     t0 = time.perf_counter()
     res = import_file(fs.meta, model, dest)
@@ -88,13 +89,15 @@ def _run(meta: str, model: str, size: int, cluster: object, args: argparse.Names
         from .client import load_safetensors
 
         t0 = time.perf_counter()
-        tensors = load_safetensors("sdcache:/" + dest, meta=meta)
+        tensors = load_safetensors("sdcache:/" + dest, meta=meta, token=token)
         line += f"; load_safetensors: {len(tensors)} tensors in {time.perf_counter() - t0:.2f}s"
     except ImportError:
         line += "; (torch not installed: skipped load_safetensors)"
     print(line)
     print()
     print("Where to look:")
+    if cluster is not None:
+        print(f"  export SDCACHE_TOKEN_FILE={getattr(cluster, 'admin_token_file')}   # auth is on: the admin token")
     print(f"  sdcache --meta {meta} ls -l /demo          # the namespace")
     print(f"  sdcache --meta {meta} stat {dest}")
     print(f"  sdcache --meta {meta} nodes                # pool use per node")

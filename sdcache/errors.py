@@ -102,6 +102,33 @@ class Unavailable(SdcacheError, ConnectionError):
     http_status = 503
 
 
+class Unauthenticated(SdcacheError, PermissionError):
+    """No token, or one that is malformed, tampered with, expired or revoked."""
+
+    errno = _errno.EACCES
+    grpc_code = "UNAUTHENTICATED"
+    http_status = 401
+
+
+class PermissionDenied(SdcacheError, PermissionError):
+    """A valid token whose role may not do this."""
+
+    errno = _errno.EACCES
+    grpc_code = "PERMISSION_DENIED"
+    http_status = 403
+
+
+class Overloaded(SdcacheError, ConnectionError):
+    """A server at its bound of in-flight work; try again shortly or elsewhere.
+
+    HTTP answers carry ``Retry-After``.
+    """
+
+    errno = _errno.EAGAIN
+    grpc_code = "RESOURCE_EXHAUSTED"
+    http_status = 503
+
+
 class ReadOnly(SdcacheError, PermissionError):
     errno = _errno.EROFS
     grpc_code = "PERMISSION_DENIED"
@@ -120,7 +147,10 @@ ERRORS: tuple[type[SdcacheError], ...] = (
     CorruptChunk,
     CapacityExceeded,
     Unavailable,
+    Unauthenticated,
+    PermissionDenied,
     ReadOnly,
+    Overloaded,
 )
 
 _BY_NAME = {cls.__name__: cls for cls in ERRORS}

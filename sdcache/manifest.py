@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import bisect
 import json
+import math
 import struct
 from dataclasses import dataclass, field
 
-from .chunking import ChunkRef
+from .chunking import CHUNK_SIZE, ChunkRef
+from .errors import InvalidArgument
+from .hashing import is_chunk_id
 
 # One packed chunk-table entry.
 CHUNK_ENTRY = struct.Struct(
@@ -31,6 +34,13 @@ def pack_chunks(chunks: list[ChunkRef]) -> bytes:
 
 
 def unpack_chunks(blob: bytes) -> list[ChunkRef]:
+    """Decode a packed chunk table; :class:`InvalidArgument` unless it is whole entries.
+
+    Only the layout is checked here; :meth:`Manifest.validate` checks that the
+    entries tile the file.
+    """
+    if len(blob) % CHUNK_ENTRY.size:
+        raise InvalidArgument(f"chunk table is {len(blob)} bytes, not a multiple of {CHUNK_ENTRY.size}")
     return [ChunkRef(o, n, d.hex()) for o, n, d in CHUNK_ENTRY.iter_unpack(blob)]
 
 
@@ -65,14 +75,29 @@ class Manifest:
         return json.dumps(self.metadata, sort_keys=True)
 
     def validate(self) -> None:
-        """Raise ValueError unless the chunks tile [0, size) exactly."""
+        """Raise :class:`InvalidArgument` unless the manifest describes one readable file.
+
+        The chunks must tile [0, size) exactly, each at most 4 MiB and named by
+        a chunk id; the size must not be negative and the mtime must be finite.
+        (:class:`InvalidArgument` is a :class:`ValueError`.)
+        """
+        if self.size < 0:
+            raise InvalidArgument(f"negative size {self.size}")
+        if not math.isfinite(self.mtime):
+            raise InvalidArgument(f"mtime {self.mtime} is not a finite number")
         pos = 0
         for c in self.chunks:
             if c.offset != pos or c.length <= 0:
-                raise ValueError(f"chunk table has a gap or overlap at byte {pos}")
+                raise InvalidArgument(f"chunk table has a gap or overlap at byte {pos}")
+            if c.length > CHUNK_SIZE:
+                raise InvalidArgument(f"chunk at byte {c.offset} is {c.length} bytes, over the 4 MiB limit")
+            if not is_chunk_id(c.id):
+                raise InvalidArgument(f"chunk at byte {c.offset} has an invalid id {c.id!r:.40}")
             pos += c.length
+            if pos > self.size:
+                raise InvalidArgument(f"chunk at byte {c.offset} runs past the end of the {self.size}-byte file")
         if pos != self.size:
-            raise ValueError(f"chunk table covers {pos} bytes, file has {self.size}")
+            raise InvalidArgument(f"chunk table covers {pos} bytes, file has {self.size}")
 
 
 @dataclass(slots=True)

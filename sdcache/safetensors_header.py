@@ -63,15 +63,40 @@ def read_header(f: BinaryIO, file_size: int) -> Header:
     (n,) = HEADER_LEN.unpack(raw)
     if n > MAX_HEADER or HEADER_LEN.size + n > file_size:
         raise HeaderError(f"truncated: header length {n} runs past the end of the {file_size}-byte file")
-    return parse_header(f.read(n), file_size)
+    blob = f.read(n)
+    if len(blob) != n:  # the file is shorter than *file_size* said
+        raise HeaderError(f"truncated: header length {n}, but the file ends after {len(blob)} header bytes")
+    return parse_header(blob, file_size)
+
+
+def _is_count(x: object) -> bool:
+    """A JSON integer >= 0 (``true`` is not a count, nor is ``1.0``)."""
+    return type(x) is int and x >= 0
+
+
+def _utf8(text: str, what: str) -> str:
+    """*text*, unless it holds a lone surrogate (a ``\\ud800`` escape), which no wire can carry."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise HeaderError(f"{what} is not valid Unicode") from None
+    return text
 
 
 def parse_header(blob: bytes, file_size: int) -> Header:
-    """Validate the JSON header *blob* of a file of *file_size* bytes."""
+    """Validate the JSON header *blob* of a file of *file_size* bytes.
+
+    Any defect raises :class:`HeaderError`, never another exception: the
+    header is untrusted input. Like the reference reader, the header must be
+    UTF-8, dims and offsets must be JSON integers, and ``data_offsets`` must
+    be ``[begin, end]``.
+    """
     data_start = HEADER_LEN.size + len(blob)
     try:
-        doc = json.loads(blob)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        doc = json.loads(str(blob, "utf-8"))
+    except RecursionError:
+        raise HeaderError("header is nested too deeply") from None
+    except ValueError as exc:  # not UTF-8, not JSON, or an integer of more than 4300 digits
         raise HeaderError(f"header is not JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise HeaderError("header is not a JSON object")
@@ -80,29 +105,43 @@ def parse_header(blob: bytes, file_size: int) -> Header:
         raise HeaderError("__metadata__ is not an object")
     tensors: list[TensorInfo] = []
     for name, info in doc.items():
-        try:
-            dtype = info["dtype"]
-            shape = tuple(int(d) for d in info["shape"])
-            begin, end = (int(x) for x in info["data_offsets"])
-        except (TypeError, KeyError, ValueError):
-            raise HeaderError(f"tensor {name!r} has a malformed entry") from None
-        if dtype not in DTYPE_SIZES:
-            raise HeaderError(f"tensor {name!r} has unknown dtype {dtype!r}")
+        _utf8(name, "a tensor name")
+        if not isinstance(info, dict):
+            raise HeaderError(f"tensor {name!r:.80} has a malformed entry")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if (
+            not isinstance(shape, list)
+            or not all(_is_count(d) for d in shape)
+            or not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(_is_count(x) for x in offsets)
+        ):
+            raise HeaderError(f"tensor {name!r:.80} has a malformed entry")
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+            raise HeaderError(f"tensor {name!r:.80} has unknown dtype {dtype!r:.40}")
+        begin, end = offsets
         count = 1
-        for d in shape:
-            if d < 0:
-                raise HeaderError(f"tensor {name!r} has a negative dimension")
-            count *= d
-        if not 0 <= begin <= end or end - begin != count * DTYPE_SIZES[dtype]:
-            raise HeaderError(f"tensor {name!r} has offsets that do not match its shape and dtype")
+        if 0 not in shape:
+            for d in shape:
+                count *= d
+                if count > file_size:  # cannot fit; stop before the product grows without bound
+                    raise HeaderError(f"tensor {name!r:.80} has a shape larger than the file")
+        else:
+            count = 0
+        if not begin <= end or end - begin != count * DTYPE_SIZES[dtype]:
+            raise HeaderError(f"tensor {name!r:.80} has offsets that do not match its shape and dtype")
         if data_start + end > file_size:
-            raise HeaderError(f"tensor {name!r} has offsets past the end of the file")
-        tensors.append(TensorInfo(name, dtype, shape, data_start + begin, data_start + end))
+            raise HeaderError(f"tensor {name!r:.80} has offsets past the end of the file")
+        tensors.append(TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end))
     tensors.sort(key=lambda t: (t.begin, t.end))
     for a, b in zip(tensors, tensors[1:]):
         if b.begin < a.end:
-            raise HeaderError(f"tensors {a.name!r} and {b.name!r} overlap")
-    return Header(data_start, tensors, {str(k): str(v) for k, v in meta.items()})
+            raise HeaderError(f"tensors {a.name!r:.80} and {b.name!r:.80} overlap")
+    try:
+        metadata = {_utf8(str(k), "a __metadata__ key"): _utf8(str(v), "a __metadata__ value") for k, v in meta.items()}
+    except RecursionError:
+        raise HeaderError("__metadata__ is nested too deeply") from None
+    return Header(data_start, tensors, metadata)
 
 
 def detect_kind(names: list[str]) -> tuple[str, str]:

@@ -34,3 +34,15 @@ def format_size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
+_SECONDS = {None: 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``3600``, ``90s``, ``15m``, ``12h`` or ``30d``."""
+    m = _DURATION.match(text)
+    if not m:
+        raise InvalidArgument(f"not a duration: {text!r} (try 3600, 90m, 12h or 30d)")
+    return float(m.group(1)) * _SECONDS[m.group(2)]

@@ -11,13 +11,34 @@ from collections.abc import Iterator
 
 import pytest
 
+from sdcache import auth
 from sdcache.cluster import LocalCluster
+
+from . import _requirements as requirements
 
 AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
+
+
+# -- auth: one signing key for every test cluster, one admin token in the environment ----
+# Each cluster's metadata service signs with this key (--token-key), so the
+# token below is good on all of them, and every client a test makes without
+# naming a token (fsspec, MetaClient, the CLI in a subprocess) finds it in
+# $SDCACHE_TOKEN, exactly as a user's would. Tests about auth itself clear it.
+_AUTH_DIR = tempfile.mkdtemp(prefix="sdcache-test-auth-")
+TOKEN_KEY = os.path.join(_AUTH_DIR, "token.key")
+_key, _ = auth.load_or_create_key(TOKEN_KEY)
+ADMIN_TOKEN = auth.mint(_key, "test-admin", "admin")
+os.environ["SDCACHE_TOKEN"] = ADMIN_TOKEN
+os.environ.pop("SDCACHE_TOKEN_FILE", None)
+
+
+def mint_token(role: str, name: str, ttl: float = 0) -> str:
+    """A token of *role* for any test cluster (signed with the shared key)."""
+    return auth.mint(_key, name, role, ttl=ttl)
 
 
 @pytest.fixture(scope="session")
@@ -43,7 +64,7 @@ def s3_server() -> Iterator[str]:
 def _make_cluster(tmp: str, nodes: int, capacity: int, env: dict[str, str] | None = None) -> LocalCluster:
     pool_root = tempfile.mkdtemp(prefix="sdcache-test-pool-", dir="/dev/shm")
     return LocalCluster(os.path.join(tmp, "meta"), nodes=nodes, capacity=capacity, heartbeat_interval=0.3,
-                        pool_root=pool_root, env=env or {})
+                        pool_root=pool_root, env=env or {}, token_key=TOKEN_KEY)
 
 
 @pytest.fixture(scope="session")
@@ -91,3 +112,26 @@ def run_cli(*args: str, meta: str | None = None, input: bytes | None = None,
     if check and proc.returncode != 0:
         raise AssertionError(f"sdcache {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
     return proc
+
+
+# -- requirements: skip, or fail where this machine must have them (tests/_requirements.py) ----
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "requires(*names): needs these (tests/_requirements.py); skips, or fails "
+                            "where SDCACHE_REQUIRE lists them")
+    problems = requirements.misnamed()
+    if problems:
+        raise pytest.UsageError(f"{requirements.ENV}={os.environ.get(requirements.ENV, '')!r}: " + "; ".join(problems))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    names = [name for mark in item.iter_markers("requires") for name in mark.args]
+    names[:0] = [name for marker, name in (("gpu", "cuda"), ("fuse", "fuse")) if item.get_closest_marker(marker)]
+    requirements.require(*dict.fromkeys(names))
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    skipped = len(terminalreporter.stats.get("skipped", []))
+    where = ", reasons in the short test summary" if skipped else ""
+    terminalreporter.write_line(f"requirements: {', '.join(sorted(requirements.required())) or 'none'} required "
+                                f"here ({requirements.ENV}); {skipped} test(s) skipped{where}")

@@ -17,6 +17,7 @@ from sdcache.client.metaclient import MetaClient
 from sdcache.pool_layout import chunk_path
 from sdcache.synth import write_sd_checkpoint
 
+from ._requirements import import_required
 from .conftest import run_cli
 
 SCALE = 0.08  # ~150 MB: SD-shaped, few hundred MB class
@@ -61,7 +62,7 @@ def test_import_and_read_back_through_fsspec(cluster, checkpoint):
 
 
 def test_load_safetensors_from_cache_equals_local(cluster, checkpoint):
-    torch = pytest.importorskip("torch")
+    torch = import_required("torch")
     from safetensors.torch import load_file
 
     from sdcache.client import load_safetensors
@@ -198,7 +199,7 @@ def test_concurrent_readers_get_identical_bytes(cluster, checkpoint):
 
 
 def test_same_host_load_maps_the_pool_verifies_and_never_writes_it(own_cluster, tmp_path):
-    torch = pytest.importorskip("torch")
+    torch = import_required("torch")
     from safetensors.torch import load_file
 
     from sdcache.client import load_safetensors

@@ -12,7 +12,6 @@ CUDA in the ``gpu``-marked tests.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import os
 import subprocess
@@ -21,8 +20,10 @@ from pathlib import Path
 
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("diffusers")
+from ._requirements import import_required, missing
+
+torch = import_required("torch")
+import_required("diffusers")
 
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -31,18 +32,13 @@ from sdcache.kernels import cpu_attention, ops  # noqa: E402
 from sdcache.kernels.optimize import describe, optimize, unoptimize, weights_changed  # noqa: E402
 
 HERE = Path(__file__).parent
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-HAS_CUDA = torch.cuda.is_available()
-BF16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-DTYPES = [torch.float32] + ([torch.bfloat16] if BF16 else [])
+# Single-op tests run in bf16 too, skipped (with the reason) on CPUs without it; whole-model
+# tests use the best dtype this CPU has.
+DTYPES = [pytest.param(torch.float32, id="float32"),
+          pytest.param(torch.bfloat16, id="bfloat16", marks=pytest.mark.requires("cpu-bf16"))]
+MODEL_DTYPE = torch.float32 if missing("cpu-bf16") else torch.bfloat16
 OP_TOL = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (3e-2, 2e-2), torch.float16: (4e-3, 4e-3)}
 MODEL_TOL = {torch.float32: 1e-3, torch.bfloat16: 2e-2, torch.float16: 1e-2}
-
-
-def require_cpu_flash() -> None:
-    """Build/load the CPU flash kernel (once per machine, cached) or skip where it cannot run."""
-    if not cpu_attention.available():
-        pytest.skip(f"CPU flash kernel unavailable: {cpu_attention._failed}")
 
 
 def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
@@ -146,14 +142,14 @@ def _check_cases(cases: list[dict]) -> None:
     assert "NHWC +temb" in names and "geglu" in names
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+@pytest.mark.requires("triton-interpret")
 def test_triton_kernels_match_torch_under_interpreter() -> None:
     """Fused GroupNorm(+temb)+SiLU and GEGLU Triton kernels, run on CPU by Triton's interpreter."""
     _check_cases(_triton_cases("cpu"))
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not (HAS_TRITON and HAS_CUDA), reason="needs CUDA and triton")
+@pytest.mark.requires("triton-interpret")
 def test_triton_kernels_match_torch_on_cuda() -> None:
     _check_cases(_triton_cases("cuda"))
 
@@ -203,7 +199,7 @@ def test_packed_conv2d_matches_stock(dtype: torch.dtype, spec) -> None:
             assert_close(conv.forward_add(x, other), (other + ref_conv(x)).float(), dtype)
 
 
-@pytest.mark.skipif(not BF16, reason="CPU without bf16 oneDNN")
+@pytest.mark.requires("cpu-bf16")
 def test_packed_linear_and_fused_qkv_match_stock() -> None:
     torch.manual_seed(0)
     lin = nn.Linear(48, 40).to(torch.bfloat16).requires_grad_(False)
@@ -238,9 +234,9 @@ def test_packed_conv_falls_back_when_autograd_is_needed() -> None:
     (1, 2, 97, 600, 80),     # two key blocks, second partial
     (1, 1, 7, 5, 160),       # widest head supported
 ])
+@pytest.mark.requires("cpu-kernels")
 def test_cpu_flash_attention_matches_reference(shape) -> None:
     """The AVX512-BF16 flash kernel vs fp32 attention, at SDPA-bf16's own accuracy."""
-    require_cpu_flash()
     b, h, lq, lk, d = shape
     g = torch.Generator().manual_seed(0)
     q = torch.randn(b, h, lq, d, generator=g).bfloat16()
@@ -259,9 +255,9 @@ def test_cpu_flash_attention_matches_reference(shape) -> None:
     assert_close(cpu_attention.flash_attention(qs, ks, vs, 0.3), ref2, torch.bfloat16)
 
 
+@pytest.mark.requires("cpu-kernels")
 def test_optimized_unet_with_cpu_flash_attention_matches_stock() -> None:
     """32x32 latents give 1024-token self-attention, which takes the CPU flash kernel."""
-    require_cpu_flash()
     stock = tiny_unet().to(torch.bfloat16)
     opt = copy.deepcopy(stock)
     optimize(opt, compile=False)
@@ -395,7 +391,7 @@ def test_weights_changed_refreshes_only_touched_layers(dtype: torch.dtype) -> No
 
 def test_weight_edits_pytorch_can_see_need_no_call() -> None:
     """copy_() under no_grad and assigning a new Parameter are detected before the next use."""
-    dtype = DTYPES[-1]
+    dtype = MODEL_DTYPE
     stock = tiny_unet().to(dtype)
     opt = copy.deepcopy(stock)
     optimize(opt, compile=False)
@@ -441,7 +437,7 @@ def test_compiled_unet_matches_stock_and_switches_without_recompiling(
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
 
-    dtype = DTYPES[-1]
+    dtype = MODEL_DTYPE
     torch._dynamo.reset()
     stock = tiny_unet().to(dtype)
     opt = copy.deepcopy(stock)
@@ -463,7 +459,6 @@ def test_compiled_unet_matches_stock_and_switches_without_recompiling(
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 def test_optimize_unet_matches_stock_on_cuda() -> None:
     stock = tiny_unet().to("cuda", torch.float16)
     opt = copy.deepcopy(stock)
@@ -485,7 +480,7 @@ def test_preferred_dtype() -> None:
 
 def test_deepcopy_of_optimized_model_owns_its_weights() -> None:
     """A copy of an optimized model re-derives from its own weights, never the original's."""
-    dtype = DTYPES[-1]
+    dtype = MODEL_DTYPE
     stock = tiny_unet().to(dtype)
     opt = copy.deepcopy(stock)
     optimize(opt, compile=False)

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("torch")
-pytest.importorskip("diffusers")
+from ._requirements import import_required
+
+import_required("torch")
+import_required("diffusers")
 
 from .runner_models import TinyModels, tiny_models  # noqa: E402
 

@@ -7,9 +7,12 @@ import os
 import pytest
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-np = pytest.importorskip("numpy")
-torch = pytest.importorskip("torch")
-pytest.importorskip("diffusers")
+import numpy as np  # noqa: E402
+
+from ._requirements import import_required  # noqa: E402
+
+torch = import_required("torch")
+import_required("diffusers")
 
 from sdcache.kernels.request import LoraRef, Request  # noqa: E402
 from sdcache.kernels.runner import Runner  # noqa: E402

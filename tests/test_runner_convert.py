@@ -7,8 +7,10 @@ import os
 import pytest
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-torch = pytest.importorskip("torch")
-pytest.importorskip("diffusers")
+from ._requirements import import_required
+
+torch = import_required("torch")
+import_required("diffusers")
 
 from sdcache.kernels import checkpoint, lora  # noqa: E402
 from sdcache.kernels import original_layout as ol  # noqa: E402

@@ -134,12 +134,16 @@ class Node(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., capacity: _Optional[int] = ..., role: _Optional[str] = ..., host_id: _Optional[str] = ..., pool_dir: _Optional[str] = ..., used: _Optional[int] = ..., chunks: _Optional[int] = ..., last_seen: _Optional[float] = ..., alive: _Optional[bool] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("heartbeat_interval", "pins_generation")
+    __slots__ = ("heartbeat_interval", "pins_generation", "auth_generation", "store_url")
     HEARTBEAT_INTERVAL_FIELD_NUMBER: _ClassVar[int]
     PINS_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    AUTH_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    STORE_URL_FIELD_NUMBER: _ClassVar[int]
     heartbeat_interval: float
     pins_generation: int
-    def __init__(self, heartbeat_interval: _Optional[float] = ..., pins_generation: _Optional[int] = ...) -> None: ...
+    auth_generation: int
+    store_url: str
+    def __init__(self, heartbeat_interval: _Optional[float] = ..., pins_generation: _Optional[int] = ..., auth_generation: _Optional[int] = ..., store_url: _Optional[str] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("node_id", "used", "chunks")
@@ -152,12 +156,14 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., used: _Optional[int] = ..., chunks: _Optional[int] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("known", "pins_generation")
+    __slots__ = ("known", "pins_generation", "auth_generation")
     KNOWN_FIELD_NUMBER: _ClassVar[int]
     PINS_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    AUTH_GENERATION_FIELD_NUMBER: _ClassVar[int]
     known: bool
     pins_generation: int
-    def __init__(self, known: _Optional[bool] = ..., pins_generation: _Optional[int] = ...) -> None: ...
+    auth_generation: int
+    def __init__(self, known: _Optional[bool] = ..., pins_generation: _Optional[int] = ..., auth_generation: _Optional[int] = ...) -> None: ...
 
 class NodesRequest(_message.Message):
     __slots__ = ("include_dead",)
@@ -186,16 +192,22 @@ class PinResponse(_message.Message):
     def __init__(self, files: _Optional[int] = ...) -> None: ...
 
 class PinnedChunksRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("page_token", "page_size")
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    page_token: str
+    page_size: int
+    def __init__(self, page_token: _Optional[str] = ..., page_size: _Optional[int] = ...) -> None: ...
 
 class PinnedChunksResponse(_message.Message):
-    __slots__ = ("generation", "ids")
+    __slots__ = ("generation", "ids", "next_page_token")
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     generation: int
     ids: bytes
-    def __init__(self, generation: _Optional[int] = ..., ids: _Optional[bytes] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, generation: _Optional[int] = ..., ids: _Optional[bytes] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class WarmupRequest(_message.Message):
     __slots__ = ("paths", "recursive", "check")
@@ -276,3 +288,67 @@ class ConfigResponse(_message.Message):
     STORE_URL_FIELD_NUMBER: _ClassVar[int]
     store_url: str
     def __init__(self, store_url: _Optional[str] = ...) -> None: ...
+
+class TokenInfo(_message.Message):
+    __slots__ = ("name", "role", "created", "expires", "revoked")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    role: str
+    created: float
+    expires: float
+    revoked: float
+    def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., created: _Optional[float] = ..., expires: _Optional[float] = ..., revoked: _Optional[float] = ...) -> None: ...
+
+class CreateTokenRequest(_message.Message):
+    __slots__ = ("name", "role", "ttl_seconds")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    role: str
+    ttl_seconds: float
+    def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., ttl_seconds: _Optional[float] = ...) -> None: ...
+
+class CreateTokenResponse(_message.Message):
+    __slots__ = ("token", "info")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    info: TokenInfo
+    def __init__(self, token: _Optional[str] = ..., info: _Optional[_Union[TokenInfo, _Mapping]] = ...) -> None: ...
+
+class ListTokensRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListTokensResponse(_message.Message):
+    __slots__ = ("tokens",)
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedCompositeFieldContainer[TokenInfo]
+    def __init__(self, tokens: _Optional[_Iterable[_Union[TokenInfo, _Mapping]]] = ...) -> None: ...
+
+class RevokeTokenRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class AuthStateRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class AuthStateResponse(_message.Message):
+    __slots__ = ("enabled", "public_keys", "revoked", "generation")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEYS_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    public_keys: _containers.RepeatedScalarFieldContainer[bytes]
+    revoked: _containers.RepeatedCompositeFieldContainer[TokenInfo]
+    generation: int
+    def __init__(self, enabled: _Optional[bool] = ..., public_keys: _Optional[_Iterable[bytes]] = ..., revoked: _Optional[_Iterable[_Union[TokenInfo, _Mapping]]] = ..., generation: _Optional[int] = ...) -> None: ...

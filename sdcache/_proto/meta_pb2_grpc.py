@@ -109,6 +109,26 @@ class MetaStub:
                 request_serializer=meta__pb2.ConfigRequest.SerializeToString,
                 response_deserializer=meta__pb2.ConfigResponse.FromString,
                 _registered_method=True)
+        self.CreateToken = channel.unary_unary(
+                '/sdcache.v1.Meta/CreateToken',
+                request_serializer=meta__pb2.CreateTokenRequest.SerializeToString,
+                response_deserializer=meta__pb2.CreateTokenResponse.FromString,
+                _registered_method=True)
+        self.ListTokens = channel.unary_unary(
+                '/sdcache.v1.Meta/ListTokens',
+                request_serializer=meta__pb2.ListTokensRequest.SerializeToString,
+                response_deserializer=meta__pb2.ListTokensResponse.FromString,
+                _registered_method=True)
+        self.RevokeToken = channel.unary_unary(
+                '/sdcache.v1.Meta/RevokeToken',
+                request_serializer=meta__pb2.RevokeTokenRequest.SerializeToString,
+                response_deserializer=meta__pb2.TokenInfo.FromString,
+                _registered_method=True)
+        self.AuthState = channel.unary_unary(
+                '/sdcache.v1.Meta/AuthState',
+                request_serializer=meta__pb2.AuthStateRequest.SerializeToString,
+                response_deserializer=meta__pb2.AuthStateResponse.FromString,
+                _registered_method=True)
 
 
 class MetaServicer:
@@ -204,6 +224,30 @@ class MetaServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTokens(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AuthState(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MetaServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -281,6 +325,26 @@ def add_MetaServicer_to_server(servicer, server):
                     servicer.GetConfig,
                     request_deserializer=meta__pb2.ConfigRequest.FromString,
                     response_serializer=meta__pb2.ConfigResponse.SerializeToString,
+            ),
+            'CreateToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateToken,
+                    request_deserializer=meta__pb2.CreateTokenRequest.FromString,
+                    response_serializer=meta__pb2.CreateTokenResponse.SerializeToString,
+            ),
+            'ListTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTokens,
+                    request_deserializer=meta__pb2.ListTokensRequest.FromString,
+                    response_serializer=meta__pb2.ListTokensResponse.SerializeToString,
+            ),
+            'RevokeToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeToken,
+                    request_deserializer=meta__pb2.RevokeTokenRequest.FromString,
+                    response_serializer=meta__pb2.TokenInfo.SerializeToString,
+            ),
+            'AuthState': grpc.unary_unary_rpc_method_handler(
+                    servicer.AuthState,
+                    request_deserializer=meta__pb2.AuthStateRequest.FromString,
+                    response_serializer=meta__pb2.AuthStateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -688,6 +752,114 @@ class Meta:
             '/sdcache.v1.Meta/GetConfig',
             meta__pb2.ConfigRequest.SerializeToString,
             meta__pb2.ConfigResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sdcache.v1.Meta/CreateToken',
+            meta__pb2.CreateTokenRequest.SerializeToString,
+            meta__pb2.CreateTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sdcache.v1.Meta/ListTokens',
+            meta__pb2.ListTokensRequest.SerializeToString,
+            meta__pb2.ListTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sdcache.v1.Meta/RevokeToken',
+            meta__pb2.RevokeTokenRequest.SerializeToString,
+            meta__pb2.TokenInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AuthState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sdcache.v1.Meta/AuthState',
+            meta__pb2.AuthStateRequest.SerializeToString,
+            meta__pb2.AuthStateResponse.FromString,
             options,
             channel_credentials,
             insecure,

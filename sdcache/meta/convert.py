@@ -10,34 +10,42 @@ from typing import Any
 
 import grpc
 
-from .. import errors
-from ..manifest import CHUNK_ENTRY, Entry, Manifest, pack_chunks, unpack_chunks
+from .. import errors, paths
+from ..manifest import Entry, Manifest, pack_chunks, unpack_chunks
 from .._proto import meta_pb2 as pb
-from ..store.base import NodeRecord
+from ..store.base import NodeRecord, TokenRecord
 
 #: Trailing-metadata key naming the exact sdcache error class.
 ERROR_TRAILER = "sdcache-error"
 
 
 def manifest_from_proto(msg: pb.Manifest) -> Manifest:
-    """A core manifest from its wire form; the packed table must be whole entries."""
-    if len(msg.chunks) % CHUNK_ENTRY.size:
-        raise errors.InvalidArgument(
-            f"{msg.path}: chunk table is {len(msg.chunks)} bytes, not a multiple of {CHUNK_ENTRY.size}"
+    """A core manifest from its wire form, or :class:`~sdcache.errors.InvalidArgument` (or
+    :class:`~sdcache.errors.InvalidPath`) saying why not.
+
+    The wire is untrusted: the path must normalize and the packed table must be
+    whole entries that tile the file (:meth:`Manifest.validate`), so no caller
+    ever holds a manifest whose chunks overlap, leave gaps or pass its end.
+    """
+    path = paths.normalize(msg.path)
+    try:
+        m = Manifest(
+            path=path,
+            size=msg.size,
+            mtime=msg.mtime,
+            source=msg.source,
+            version_tag=msg.version_tag,
+            sha256=msg.sha256,
+            chunks=unpack_chunks(msg.chunks),
+            kind=msg.kind or "other",
+            base=msg.base,
+            metadata=dict(msg.metadata),
+            generation=msg.generation,
         )
-    return Manifest(
-        path=msg.path,
-        size=msg.size,
-        mtime=msg.mtime,
-        source=msg.source,
-        version_tag=msg.version_tag,
-        sha256=msg.sha256,
-        chunks=unpack_chunks(msg.chunks),
-        kind=msg.kind or "other",
-        base=msg.base,
-        metadata=dict(msg.metadata),
-        generation=msg.generation,
-    )
+        m.validate()
+    except errors.InvalidArgument as exc:
+        raise errors.InvalidArgument(f"{path}: {exc}") from None
+    return m
 
 
 def manifest_to_proto(m: Manifest) -> pb.Manifest:
@@ -113,6 +121,10 @@ def node_to_proto(n: NodeRecord, alive: bool) -> pb.Node:
         last_seen=n.last_seen,
         alive=alive,
     )
+
+
+def token_to_proto(t: TokenRecord) -> pb.TokenInfo:
+    return pb.TokenInfo(name=t.name, role=t.role, created=t.created, expires=t.expires, revoked=t.revoked)
 
 
 def status_of(exc: errors.SdcacheError) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:

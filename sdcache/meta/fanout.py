@@ -18,7 +18,7 @@ from ..errors import Unavailable
 from ..manifest import Manifest
 from ..placement import NodeInfo, owner
 from ..units import format_size
-from .nodeclient import NodeClient, WarmChunk
+from .nodeclient import NodeClient
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +44,8 @@ class _Batch:
     """Chunks of one file for one node; each id once, credited for every occurrence."""
 
     path: str
-    chunks: list[WarmChunk] = field(default_factory=list)
+    chunks: list[str] = field(default_factory=list)  # ids; the node looks up where their bytes are
     credit: dict[str, int] = field(default_factory=dict)  # id -> bytes it stands for in the file
-
-
-def source_url(m: Manifest, store_url: str) -> str:
-    """Where a node reads the bytes of *m*: its source, else the cluster store."""
-    return m.source or store_url.rstrip("/") + m.path
 
 
 def capacity_message(what: str, total: int, capacity: int) -> str:
@@ -81,11 +76,14 @@ def _fitting(files: Sequence[Manifest], capacity: int) -> tuple[list[Manifest], 
     return fit, rest
 
 
-def plan_warm(files: Sequence[Manifest], nodes: Sequence[NodeInfo], store_url: str) -> dict[str, list[_Batch]]:
-    """Batches of chunks per node id: each chunk goes to its owner."""
+def plan_warm(files: Sequence[Manifest], nodes: Sequence[NodeInfo]) -> dict[str, list[_Batch]]:
+    """Batches of chunks per node id: each chunk goes to its owner.
+
+    A batch names a file and chunk ids only: the node reads the file's
+    committed manifest itself to learn where the bytes are (confined reads).
+    """
     plan: dict[str, list[_Batch]] = {}
     for m in files:
-        src = source_url(m, store_url)
         per_node: dict[str, _Batch] = {}
         for c in m.chunks:
             node = owner(c.id, nodes)
@@ -97,7 +95,7 @@ def plan_warm(files: Sequence[Manifest], nodes: Sequence[NodeInfo], store_url: s
             if c.id in batch.credit:
                 batch.credit[c.id] += c.length
             else:
-                batch.chunks.append(WarmChunk(c.id, src, c.offset, c.length))
+                batch.chunks.append(c.id)
                 batch.credit[c.id] = c.length
     return plan
 
@@ -120,9 +118,8 @@ def _batches(items: list[str], n: int) -> list[list[str]]:
 class Fanout:
     """Runs warm-ups, checks and evictions against live nodes through one :class:`NodeClient`."""
 
-    def __init__(self, client: NodeClient, store_url: str) -> None:
+    def __init__(self, client: NodeClient) -> None:
         self.client = client
-        self.store_url = store_url
 
     # -- warm-up -------------------------------------------------------------
 
@@ -139,7 +136,7 @@ class Fanout:
             return WarmStatus(path, total, done_bytes, capacity, min(total, capacity), message, done)
 
         yield status(what, 0, warning)
-        plan = await asyncio.to_thread(plan_warm, fit, nodes, self.store_url)
+        plan = await asyncio.to_thread(plan_warm, fit, nodes)
         by_id = {n.node_id: n for n in nodes}
         queue: asyncio.Queue[tuple[str, int, dict[str, str], int] | None] = asyncio.Queue()
         tasks = [asyncio.create_task(self._warm_node(by_id[nid], batches, queue)) for nid, batches in plan.items()]
@@ -190,7 +187,7 @@ class Fanout:
             reply = await self.client.warm(node.address, batch.path, batch.chunks)
         except Unavailable as exc:
             log.warning("warm-up of %s: %s", batch.path, exc)
-            return 0, {c.id: str(exc) for c in batch.chunks}, 0
+            return 0, {i: str(exc) for i in batch.chunks}, 0
         if not reply.failed and not reply.no_space:
             return sum(batch.credit.values()), {}, 0
         # Some chunks did not make it: ask which did, rather than guess.

@@ -2,41 +2,36 @@
 
 Contract with the node (``node/``)::
 
-    POST /warm   {"path": p, "chunks": [{"id", "src", "off", "len"}, ...]}
+    POST /warm   {"path": p, "ids": [...]}  (the node reads p's manifest for where the bytes are)
               -> {"loaded": n, "bytes": b, "present": n, "failed": [{"id", "error"}], "no_space": n}
     POST /has    {"ids": [...]}            -> {"present": [...]}
     POST /evict  {"path": p, "ids": [...]} -> {"chunks": n, "bytes": b}
 
-Every failure (refused connection, timeout, non-2xx reply, malformed JSON)
-becomes :class:`~sdcache.errors.Unavailable` naming the node.
+The full contract lives in ``node/server.py``. Every call carries the
+service's own admin token (``Authorization: Bearer``), over HTTPS when the
+service runs with TLS. Every failure (refused connection, timeout, non-2xx
+reply, malformed JSON) becomes :class:`~sdcache.errors.Unavailable` naming
+the node.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 
 from ..errors import Unavailable
+from ..tls import TlsFiles
 
 log = logging.getLogger(__name__)
 
 # Loading a batch may read 64 x 4 MiB from a slow under-store.
 WARM_TIMEOUT = aiohttp.ClientTimeout(total=600, sock_connect=5)
 CONTROL_TIMEOUT = aiohttp.ClientTimeout(total=60, sock_connect=5)
-
-
-@dataclass(frozen=True, slots=True)
-class WarmChunk:
-    """One chunk to load: its id and where its bytes are in the under-store."""
-
-    id: str
-    src: str
-    off: int
-    len: int
 
 
 @dataclass(slots=True)
@@ -54,16 +49,20 @@ class NodeClient:
     Create and close it inside the event loop that uses it.
     """
 
-    def __init__(self) -> None:
-        self._session = aiohttp.ClientSession(raise_for_status=False)
+    def __init__(self, token: Callable[[], str] | None = None, tls: TlsFiles | None = None) -> None:
+        self._token = token
+        self._scheme = "https" if tls else "http"
+        connector = aiohttp.TCPConnector(ssl=tls.client_context()) if tls else None
+        self._session = aiohttp.ClientSession(raise_for_status=False, connector=connector)
 
     async def close(self) -> None:
         await self._session.close()
 
     async def _post(self, address: str, endpoint: str, body: dict[str, Any], timeout: aiohttp.ClientTimeout) -> Any:
-        url = f"http://{address}/{endpoint}"
+        url = f"{self._scheme}://{address}/{endpoint}"
+        headers = {"Authorization": f"Bearer {self._token()}"} if self._token else None
         try:
-            async with self._session.post(url, json=body, timeout=timeout) as resp:
+            async with self._session.post(url, json=body, timeout=timeout, headers=headers) as resp:
                 if resp.status // 100 != 2:
                     text = (await resp.text())[:200].strip()
                     raise Unavailable(f"node {address}: {endpoint} answered HTTP {resp.status}: {text}")
@@ -71,10 +70,9 @@ class NodeClient:
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
             raise Unavailable(f"node {address}: {endpoint} failed: {str(exc) or type(exc).__name__}") from exc
 
-    async def warm(self, address: str, path: str, chunks: list[WarmChunk]) -> WarmReply:
-        """Ask the node at *address* to load *chunks* of file *path*."""
-        body = {"path": path, "chunks": [{"id": c.id, "src": c.src, "off": c.off, "len": c.len} for c in chunks]}
-        data = await self._post(address, "warm", body, WARM_TIMEOUT)
+    async def warm(self, address: str, path: str, ids: list[str]) -> WarmReply:
+        """Ask the node at *address* to load chunks *ids* of file *path*."""
+        data = await self._post(address, "warm", {"path": path, "ids": ids}, WARM_TIMEOUT)
         try:
             return WarmReply(
                 loaded=int(data.get("loaded", 0)),

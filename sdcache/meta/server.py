@@ -14,18 +14,21 @@ from pathlib import Path
 
 import grpc
 
+from .. import tls
 from ..errors import InvalidArgument, SdcacheError, Unavailable
 from .._proto import meta_pb2_grpc
 from ..store.sqlite import SqliteStore
+from . import grpcauth
 from .fanout import Fanout
 from .nodeclient import NodeClient
 from .servicer import MetaServicer
+from .tokens import TokenAuthority
 
 log = logging.getLogger(__name__)
 
 DEFAULT_DATA = "./sdcache-data"
 DEFAULT_LISTEN = "127.0.0.1:7070"
-MAX_MESSAGE = 64 << 20  # a listing page or a pinned-chunk set can pass 4 MiB
+MAX_MESSAGE = grpcauth.MAX_MESSAGE
 MAX_PENDING = 20_000  # calls queued before the loop takes them
 STOP_GRACE = 2.0  # seconds in-flight calls get on shutdown
 
@@ -50,6 +53,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="node heartbeat interval; a node is dropped after 3 missed (default %(default)s)",
     )
     parser.add_argument("--ready-file", default=None, metavar="PATH", help="write HOST:PORT here once listening")
+    parser.add_argument("--token-key", default=None, metavar="FILE",
+                        help="Ed25519 key that signs tokens (default DATA/token.key, created 0600); "
+                        "share it between services over one store")
+    parser.add_argument("--insecure-no-auth", action="store_true",
+                        help="accept every call without a token (warned on every start; never on a shared network)")
+    tls.add_server_arguments(parser)
 
 
 def _split_listen(listen: str) -> tuple[str, int]:
@@ -86,12 +95,18 @@ async def serve(
     store_url: str | None = None,
     heartbeat_interval: float = 1.0,
     ready: Callable[[str], None] | None = None,
+    auth: bool = True,
+    token_key: str | None = None,
+    tls_files: tls.TlsFiles | None = None,
+    require_client_cert: bool = False,
 ) -> None:
     """Run the metadata service until cancelled, then stop cleanly.
 
     The database is ``data_dir/meta.db``; *store_url* (where ``put``
     uploads) defaults to ``file://data_dir/store``, created. *ready* is called with the bound
     ``HOST:PORT`` once the service accepts calls (useful with port 0).
+    Tokens are signed with *token_key* (default ``data_dir/token.key``); on the
+    first start an admin token is written to ``data_dir/admin.token``.
     """
     host, port = _split_listen(listen)
     _check_bindable(host, port)
@@ -101,13 +116,22 @@ async def serve(
     store_url = _store_url(data, store_url)
     store = await asyncio.to_thread(SqliteStore, data / "meta.db")
     try:
-        client = NodeClient()
+        authority = await asyncio.to_thread(TokenAuthority.open, store, data, token_key, enabled=auth)
+        if not auth:
+            log.warning("AUTH IS OFF (--insecure-no-auth): anyone who can reach %s can read, change and delete "
+                        "everything, and register nodes", listen)
+        written = await asyncio.to_thread(authority.bootstrap, data)
+        if written is not None:
+            log.info("wrote an admin token to %s (mode 0600); use it with --token-file %s or "
+                     "SDCACHE_TOKEN_FILE=%s", written, written, written)
+        client = NodeClient(authority.service_token if auth else None, tls_files)
         try:
             servicer = MetaServicer(
-                store, Fanout(client, store_url), heartbeat_interval=heartbeat_interval, store_url=store_url
+                store, Fanout(client), heartbeat_interval=heartbeat_interval, store_url=store_url,
+                authority=authority,
             )
             try:
-                await _run_server(servicer, listen, host, ready)
+                await _run_server(servicer, listen, host, ready, tls_files, require_client_cert)
             finally:
                 servicer.close()
         finally:
@@ -130,8 +154,10 @@ def _store_url(data: Path, store_url: str | None) -> str:
     return store_url
 
 
-async def _run_server(servicer: MetaServicer, listen: str, host: str, ready: Callable[[str], None] | None) -> None:
+async def _run_server(servicer: MetaServicer, listen: str, host: str, ready: Callable[[str], None] | None,
+                      tls_files: tls.TlsFiles | None, require_client_cert: bool) -> None:
     server = grpc.aio.server(
+        interceptors=[grpcauth.AuthInterceptor(servicer.authority.verifier)],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE),
             ("grpc.max_send_message_length", MAX_MESSAGE),
@@ -145,14 +171,15 @@ async def _run_server(servicer: MetaServicer, listen: str, host: str, ready: Cal
     meta_pb2_grpc.add_MetaServicer_to_server(servicer, server)
     try:
         try:
-            port = server.add_insecure_port(listen)
+            port = grpcauth.add_port(server, listen, tls_files, require_client_cert=require_client_cert)
         except RuntimeError as exc:
             raise Unavailable(f"cannot listen on {listen}: {exc}") from None
         if not port:
             raise Unavailable(f"cannot listen on {listen}: address in use or not available")
         await server.start()
         address = f"{host}:{port}"
-        log.info("metadata service on %s, store %s", address, servicer.store_url)
+        log.info("metadata service on %s (%s, auth %s), store %s", address, "TLS" if tls_files else "plaintext",
+                 "on" if servicer.authority.enabled else "OFF", servicer.store_url)
         if ready is not None:
             ready(address)
         # Not server.wait_for_termination(): cancelling it cancels the server's
@@ -186,6 +213,10 @@ async def _serve_until_signal(args: argparse.Namespace) -> None:
             store_url=args.store,
             heartbeat_interval=args.heartbeat_interval,
             ready=ready,
+            auth=not args.insecure_no_auth,
+            token_key=args.token_key,
+            tls_files=tls.TlsFiles.resolve(args.tls_cert, args.tls_key, args.tls_ca, env={}),
+            require_client_cert=args.tls_require_client_cert,
         )
     )
     stopper = asyncio.create_task(stop.wait())

@@ -27,6 +27,7 @@ from ..placement import NodeInfo
 from ..store.base import MetaStore, NodeRecord
 from . import convert
 from .fanout import Fanout, WarmStatus
+from .tokens import TokenAuthority
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +83,11 @@ class MetaServicer(meta_pb2_grpc.MetaServicer):
         *,
         heartbeat_interval: float = 1.0,
         store_url: str,
+        authority: TokenAuthority,
     ) -> None:
         self.store = store
         self.fanout = fanout
+        self.authority = authority
         self.heartbeat_interval = heartbeat_interval
         self.store_url = store_url
         self._writer = ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="meta-write")
@@ -154,12 +157,18 @@ class MetaServicer(meta_pb2_grpc.MetaServicer):
         return pb.RegisterResponse(
             heartbeat_interval=self.heartbeat_interval,
             pins_generation=await self._read(self.store.pins_generation),
+            auth_generation=await self._read(self.store.auth_generation),
+            store_url=self.store_url,
         )
 
     @_unary
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatResponse:
         known = await self._write(self.store.heartbeat, request.node_id, request.used, request.chunks, time.time())
-        return pb.HeartbeatResponse(known=known, pins_generation=await self._read(self.store.pins_generation))
+        return pb.HeartbeatResponse(
+            known=known,
+            pins_generation=await self._read(self.store.pins_generation),
+            auth_generation=await self._read(self.store.auth_generation),
+        )
 
     @_unary
     async def ListNodes(self, request: pb.NodesRequest, context: grpc.aio.ServicerContext) -> pb.NodesResponse:
@@ -181,12 +190,58 @@ class MetaServicer(meta_pb2_grpc.MetaServicer):
     async def Unpin(self, request: pb.PinRequest, context: grpc.aio.ServicerContext) -> pb.PinResponse:
         return pb.PinResponse(files=await self._write(self.store.unpin, request.path, request.recursive))
 
+    #: ids per PinnedChunks page by default and at most: 1 MiB, well under
+    #: gRPC's default 4 MiB receive limit that nodes keep.
+    PINS_PAGE_IDS = 65_536
+    # The pinned id set of the newest pins generation seen, as the store made
+    # it (sorted, each id once), and the one store read that makes it.
+    _pins_snapshot: tuple[int, bytes] | None = None
+    _pins_loading: asyncio.Future[tuple[int, bytes]] | None = None
+
     @_unary
     async def PinnedChunks(
         self, request: pb.PinnedChunksRequest, context: grpc.aio.ServicerContext
     ) -> pb.PinnedChunksResponse:
-        generation, ids = await self._read(self.store.pinned_chunks)
-        return pb.PinnedChunksResponse(generation=generation, ids=ids)
+        generation, ids = await self._pinned_snapshot()
+        count = len(ids) // 16  # 16-byte digests
+        start = 0
+        if request.page_token:
+            token_generation, start = self._parse_pins_token(request.page_token)
+            if token_generation != generation:
+                start = 0  # the pins changed: this reply is the new generation's first page
+            elif start > count:
+                raise errors.InvalidArgument(f"page token {request.page_token!r} is past the end")
+        end = min(start + min(request.page_size or self.PINS_PAGE_IDS, self.PINS_PAGE_IDS), count)
+        return pb.PinnedChunksResponse(
+            generation=generation,
+            ids=ids[16 * start : 16 * end],
+            next_page_token=f"{generation}:{end}" if end < count else "",
+        )
+
+    @staticmethod
+    def _parse_pins_token(token: str) -> tuple[int, int]:
+        """``"<pins generation>:<index of the page's first id>"`` to its two numbers."""
+        generation, sep, index = token.partition(":")
+        if not (sep and generation.isdigit() and index.isdigit()):
+            raise errors.InvalidArgument(f"not a PinnedChunks page token: {token!r}")
+        return int(generation), int(index)
+
+    async def _pinned_snapshot(self) -> tuple[int, bytes]:
+        """``(pins generation, ids)`` of the current pins, computed from the store
+        once per generation however many pages and nodes ask meanwhile."""
+        generation = await self._read(self.store.pins_generation)
+        snapshot = self._pins_snapshot
+        if snapshot is not None and snapshot[0] == generation:
+            return snapshot
+        loading = self._pins_loading
+        if loading is None or loading.done():
+            loading = self._pins_loading = asyncio.ensure_future(self._read(self.store.pinned_chunks))
+        snapshot = await asyncio.shield(loading)
+        if snapshot[0] < generation:  # that read began before the pins changed
+            snapshot = await self._read(self.store.pinned_chunks)
+        if self._pins_snapshot is None or snapshot[0] >= self._pins_snapshot[0]:
+            self._pins_snapshot = snapshot
+        return snapshot
 
     # -- warm-up, eviction, totals ------------------------------------------
 
@@ -229,3 +284,27 @@ class MetaServicer(meta_pb2_grpc.MetaServicer):
     @_unary
     async def GetConfig(self, request: pb.ConfigRequest, context: grpc.aio.ServicerContext) -> pb.ConfigResponse:
         return pb.ConfigResponse(store_url=self.store_url)
+
+    # -- tokens (checked by grpcauth.AuthInterceptor before any of these runs) --
+
+    @_unary
+    async def CreateToken(
+        self, request: pb.CreateTokenRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CreateTokenResponse:
+        token, record = await self._write(self.authority.create, request.name, request.role, request.ttl_seconds)
+        return pb.CreateTokenResponse(token=token, info=convert.token_to_proto(record))
+
+    @_unary
+    async def ListTokens(self, request: pb.ListTokensRequest, context: grpc.aio.ServicerContext) -> pb.ListTokensResponse:
+        return pb.ListTokensResponse(tokens=[convert.token_to_proto(t) for t in await self._read(self.store.list_tokens)])
+
+    @_unary
+    async def RevokeToken(self, request: pb.RevokeTokenRequest, context: grpc.aio.ServicerContext) -> pb.TokenInfo:
+        return convert.token_to_proto(await self._write(self.authority.revoke, request.name))
+
+    @_unary
+    async def AuthState(self, request: pb.AuthStateRequest, context: grpc.aio.ServicerContext) -> pb.AuthStateResponse:
+        generation = await self._read(self.store.auth_generation)
+        revoked = [convert.token_to_proto(t) for t in await self._read(self.store.list_tokens) if t.revoked]
+        return pb.AuthStateResponse(enabled=self.authority.enabled, public_keys=self.authority.public_keys(),
+                                    revoked=revoked, generation=generation)

@@ -60,6 +60,17 @@ class NodeRecord:
 
 
 @dataclass(slots=True)
+class TokenRecord:
+    """What the service keeps of a token it issued: never the token itself."""
+
+    name: str
+    role: str
+    created: float  # unix seconds
+    expires: float = 0.0  # 0 = never
+    revoked: float = 0.0  # 0 = not revoked; else when
+
+
+@dataclass(slots=True)
 class StoreStats:
     """Namespace totals; node totals come from :meth:`MetaStore.list_nodes`."""
 
@@ -170,6 +181,28 @@ class MetaStore(ABC):
         Liveness is the service's policy (``last_seen`` against its heartbeat
         interval), not the store's.
         """
+
+    # -- tokens --------------------------------------------------------------
+
+    @abstractmethod
+    def add_token(self, token: TokenRecord) -> None:
+        """Record a newly issued token; :class:`~sdcache.errors.AlreadyExists` if the name was ever used."""
+
+    @abstractmethod
+    def list_tokens(self) -> list[TokenRecord]:
+        """Every token issued, revoked ones included, ordered by name."""
+
+    @abstractmethod
+    def revoke_token(self, name: str, now: float) -> TokenRecord:
+        """Mark *name* revoked at *now* (kept if already revoked) and bump the auth generation.
+
+        A name never issued is still recorded as revoked, so tokens minted
+        elsewhere with the shared key can be revoked too.
+        """
+
+    @abstractmethod
+    def auth_generation(self) -> int:
+        """A counter that increases with every revocation."""
 
     # -- totals and lifetime -------------------------------------------------
 

@@ -13,6 +13,7 @@ Tables::
     chunks(id, length, refs)               chunk refcounts, for deduplicated totals
     pins(path)                             pinned files
     nodes(node_id, address, ...)           node registry
+    tokens(name, role, created, ...)       issued and revoked tokens (never the token)
 
 A directory row exists exactly while a file lies under it (``/`` always), so
 listing a directory is two indexed range scans, ``(parent, name) > token``.
@@ -35,6 +36,7 @@ from typing import Any, TypeVar
 from .. import paths
 from ..chunking import CHUNK_SIZE
 from ..errors import (
+    AlreadyExists,
     CapacityExceeded,
     InvalidArgument,
     IsADirectory,
@@ -45,13 +47,13 @@ from ..errors import (
 )
 from ..hashing import is_chunk_id
 from ..manifest import CHUNK_ENTRY, Entry, Manifest, pack_chunks, unpack_chunks
-from .base import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, MetaStore, NodeRecord, StoreStats
+from .base import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, MetaStore, NodeRecord, StoreStats, TokenRecord
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
@@ -97,6 +99,20 @@ CREATE TABLE nodes (
     last_seen REAL NOT NULL
 );
 """
+
+#: Statements that take a database of version N-1 to N.
+_MIGRATIONS = {
+    2: """
+INSERT INTO counters VALUES ('auth_generation', 0);
+CREATE TABLE tokens (
+    name TEXT PRIMARY KEY,
+    role TEXT NOT NULL,
+    created REAL NOT NULL,
+    expires REAL NOT NULL,
+    revoked REAL NOT NULL
+) WITHOUT ROWID;
+""",
+}
 
 _ENTRY_COLS = "path, size, mtime, kind, sha256, generation, chunk_count"
 _MANIFEST_COLS = "path, size, mtime, source, version_tag, sha256, kind, base, metadata, generation, chunks"
@@ -199,15 +215,18 @@ class SqliteStore(MetaStore):
 
         def work(conn: sqlite3.Connection) -> None:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version == 0:
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            elif version != SCHEMA_VERSION:
+            if version > SCHEMA_VERSION:
                 raise SdcacheError(
                     f"{self.db_path}: metadata schema version {version}, this sdcache reads {SCHEMA_VERSION}"
                 )
+            scripts = [_SCHEMA] if version == 0 else []
+            scripts += [_MIGRATIONS[v] for v in range(max(version, 1) + 1, SCHEMA_VERSION + 1)]
+            for script in scripts:
+                for statement in script.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+            if version != SCHEMA_VERSION:
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
         self._write(work)
 
@@ -580,6 +599,46 @@ class SqliteStore(MetaStore):
         with self._read() as conn:
             rows = conn.execute(f"SELECT {_NODE_COLS} FROM nodes ORDER BY node_id").fetchall()
         return [NodeRecord(*r) for r in rows]
+
+    # -- tokens --------------------------------------------------------------
+
+    def add_token(self, token: TokenRecord) -> None:
+
+        def work(conn: sqlite3.Connection) -> None:
+            if conn.execute("SELECT 1 FROM tokens WHERE name = ?", (token.name,)).fetchone():
+                raise AlreadyExists(f"a token named {token.name!r} exists already (names are never reused)")
+            conn.execute("INSERT INTO tokens VALUES (?, ?, ?, ?, ?)",
+                         (token.name, token.role, token.created, token.expires, token.revoked))
+
+        self._write(work)
+
+    def list_tokens(self) -> list[TokenRecord]:
+        with self._read() as conn:
+            rows = conn.execute("SELECT name, role, created, expires, revoked FROM tokens ORDER BY name").fetchall()
+        return [TokenRecord(*r) for r in rows]
+
+    def revoke_token(self, name: str, now: float) -> TokenRecord:
+
+        def work(conn: sqlite3.Connection) -> TokenRecord:
+            row = conn.execute("SELECT name, role, created, expires, revoked FROM tokens WHERE name = ?",
+                               (name,)).fetchone()
+            if row is None:
+                rec = TokenRecord(name, "", 0.0, 0.0, now)
+                conn.execute("INSERT INTO tokens VALUES (?, ?, ?, ?, ?)", (name, "", 0.0, 0.0, now))
+            else:
+                rec = TokenRecord(*row)
+                if rec.revoked:
+                    return rec
+                rec.revoked = now
+                conn.execute("UPDATE tokens SET revoked = ? WHERE name = ?", (now, name))
+            self._bump(conn, "auth_generation")
+            return rec
+
+        return self._write(work)
+
+    def auth_generation(self) -> int:
+        with self._read() as conn:
+            return self._counter(conn, "auth_generation")
 
     # -- totals and lifetime -------------------------------------------------
 

@@ -1,0 +1,104 @@
+"""Where a missing chunk's bytes are: the committed manifest, never the request.
+
+A client asking for a chunk names the chunk and the cache path of the file it
+reads. On a pool miss the node asks the metadata service (with its own node
+token) for that path's committed manifest, finds the chunk in it, and reads
+exactly that entry's byte range of the manifest's source. A chunk the
+manifest does not hold is :class:`~sdcache.errors.NotFound`: whatever a caller
+sends, the node reads only ranges of sources that belong to a committed
+manifest, and under-store credentials stay in the node's own configuration.
+
+Manifests are cached per path for :data:`TTL` seconds (a 7 GB checkpoint is
+~1,800 entries); a chunk missing from a cached manifest re-asks once, at most
+every :data:`REFRESH_MIN` seconds per path, so a re-imported file is seen at
+once. Concurrent misses of one path share one RPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from sdcache.errors import NotFound, Unavailable
+from sdcache.manifest import Manifest
+
+TTL = 10.0
+REFRESH_MIN = 0.5
+MAX_ENTRIES = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class SourceRange:
+    """One chunk's bytes in the under-store."""
+
+    url: str
+    offset: int
+    length: int
+
+
+@dataclass(slots=True)
+class _Cached:
+    fetched: float
+    source: str
+    ranges: dict[str, tuple[int, int]]
+
+
+class SourceLocator:
+    """Finds chunk byte ranges in committed manifests fetched through *get_manifest*."""
+
+    def __init__(self, get_manifest: Callable[[str], Awaitable[Manifest]] | None,
+                 store_url: Callable[[], str] = lambda: "") -> None:
+        self._get = get_manifest
+        self._store_url = store_url
+        self._cache: OrderedDict[str, _Cached] = OrderedDict()
+        self._inflight: dict[str, asyncio.Future[_Cached]] = {}
+        self.lookups = 0  # manifest RPCs made
+
+    async def locate(self, path: str, chunk_id: str) -> SourceRange:
+        """The range of *chunk_id* in *path*'s committed manifest."""
+        if self._get is None:
+            raise NotFound(f"chunk {chunk_id} is not in this node's pool (standalone node: no read-through)")
+        entry = self._cache.get(path)
+        now = time.monotonic()
+        if entry is None or now - entry.fetched > TTL or (
+            chunk_id not in entry.ranges and now - entry.fetched > REFRESH_MIN
+        ):
+            entry = await self._fetch(path)
+        found = entry.ranges.get(chunk_id)
+        if found is None:
+            raise NotFound(f"chunk {chunk_id} is not part of {path} as committed")
+        return SourceRange(entry.source, *found)
+
+    async def _fetch(self, path: str) -> _Cached:
+        fut = self._inflight.get(path)
+        if fut is not None:
+            return await asyncio.shield(fut)
+        fut = asyncio.get_running_loop().create_future()
+        self._inflight[path] = fut
+        try:
+            self.lookups += 1
+            assert self._get is not None
+            m = await self._get(path)
+            source = m.source or (self._store_url().rstrip("/") + m.path if self._store_url() else "")
+            if not source:
+                raise Unavailable(f"{path} has no source and the metadata service named no store")
+            entry = _Cached(time.monotonic(), source, {c.id: (c.offset, c.length) for c in m.chunks})
+            self._cache[path] = entry
+            self._cache.move_to_end(path)
+            while len(self._cache) > MAX_ENTRIES:
+                self._cache.popitem(last=False)
+            fut.set_result(entry)
+            return entry
+        except Exception as exc:
+            self._cache.pop(path, None)
+            fut.set_exception(exc)
+            fut.exception()  # retrieved: joiners get it, nobody warns
+            raise
+        except BaseException:
+            fut.cancel()
+            raise
+        finally:
+            del self._inflight[path]
