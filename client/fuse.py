@@ -30,7 +30,8 @@ import tempfile
 import time
 from typing import Any
 
-from sdcache import errors
+from sdcache import errors, tls
+from sdcache.tls import Credentials
 from sdcache.units import format_size, parse_size
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ def add_mount_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("mountpoint", help="an existing empty directory")
     p.add_argument("--meta", metavar="HOST:PORT", default=argparse.SUPPRESS,
                    help="metadata service (default: $SDCACHE_META, else 127.0.0.1:7070)")
+    tls.add_arguments(p, suppress=True)
     p.add_argument("-f", "--foreground", action="store_true", help="serve in the foreground until unmounted")
     p.add_argument("--attr-timeout", type=float, default=3.0, metavar="SECONDS",
                    help="how long names and directory listings are trusted; a re-imported file shows its "
@@ -225,6 +227,10 @@ def _child_argv(args: argparse.Namespace, mountpoint: str, ready_file: str) -> l
     meta = getattr(args, "meta", None)
     if meta:
         argv += ["--meta", meta]
+    for flag in ("token_file", "tls_cert", "tls_key", "tls_ca"):
+        value = getattr(args, flag, None)
+        if value:
+            argv += [f"--{flag.replace('_', '-')}", os.path.abspath(value)]
     argv += ["mount", mountpoint, "--foreground", "--ready-file", ready_file,
              "--attr-timeout", str(args.attr_timeout), "--timeout", str(args.timeout),
              "--max-memory", str(args.max_memory), "--readahead", str(args.readahead),
@@ -287,7 +293,7 @@ def _serve(args: argparse.Namespace, mountpoint: str) -> int:
     config = MountConfig(attr_timeout=args.attr_timeout, timeout=args.timeout,
                          max_memory=parse_size(args.max_memory), readahead=max(0, args.readahead),
                          threads=max(1, args.threads))
-    meta = MetaClient(getattr(args, "meta", None), timeout=config.timeout)
+    meta = MetaClient(getattr(args, "meta", None), timeout=config.timeout, credentials=Credentials.from_args(args))
     try:
         meta.stats()  # a wrong --meta fails here, with one clear line, not at the first read
     except errors.Unavailable:

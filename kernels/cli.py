@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sdcache import errors
+from sdcache import errors, tls
 
 from .request import DEVICES, DTYPES, PREDICTION_TYPES, SCHEDULERS, Request, parse_lora, parse_size, read_requests
 
@@ -72,6 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--json", action="store_true", help="print one JSON object per request instead of tables")
     e.add_argument("--meta", metavar="HOST:PORT", default=argparse.SUPPRESS,
                    help="metadata service for sdcache:// URLs (default: $SDCACHE_META, else 127.0.0.1:7070)")
+    tls.add_arguments(e, suppress=True)
 
 
 def _quiet_libraries() -> None:
@@ -228,6 +229,7 @@ def main(args: argparse.Namespace) -> int:
     """Body of ``sdcache run``; returns the exit status. Errors print one line on stderr."""
     t0 = time.perf_counter()
     try:
+        tls.export_to_env(args)
         if args.requests:
             return _run_batch(args)
         return _run_one(args)

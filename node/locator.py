@@ -8,6 +8,10 @@ manifest does not hold is :class:`~sdcache.errors.NotFound`: whatever a caller
 sends, the node reads only ranges of sources that belong to a committed
 manifest, and under-store credentials stay in the node's own configuration.
 
+A node started with ``--allow-source PREFIX`` (repeatable) also refuses
+manifests whose source lies outside those prefixes, so even an admin who
+commits a manifest over ``file:///etc/...`` gets nothing from it.
+
 Manifests are cached per path for :data:`TTL` seconds (a 7 GB checkpoint is
 ~1,800 entries); a chunk missing from a cached manifest re-asks once, at most
 every :data:`REFRESH_MIN` seconds per path, so a re-imported file is seen at
@@ -17,17 +21,28 @@ once. Concurrent misses of one path share one RPC.
 from __future__ import annotations
 
 import asyncio
+import posixpath
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from sdcache.errors import NotFound, Unavailable
+from sdcache.errors import NotFound, PermissionDenied, Unavailable
 from sdcache.manifest import Manifest
 
 TTL = 10.0
 REFRESH_MIN = 0.5
 MAX_ENTRIES = 1024
+
+
+def _as_url(source: str) -> str:
+    """A local path as the normalized ``file://`` URL it stands for, so prefixes compare either way
+    and ``/nas/../etc`` is not under ``/nas/``."""
+    if source.startswith("file://"):
+        source = source[len("file://"):]
+    elif "://" in source:
+        return source
+    return "file://" + posixpath.normpath(source) + ("/" if source.endswith("/") else "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,9 +65,10 @@ class SourceLocator:
     """Finds chunk byte ranges in committed manifests fetched through *get_manifest*."""
 
     def __init__(self, get_manifest: Callable[[str], Awaitable[Manifest]] | None,
-                 store_url: Callable[[], str] = lambda: "") -> None:
+                 store_url: Callable[[], str] = lambda: "", allowed: tuple[str, ...] = ()) -> None:
         self._get = get_manifest
         self._store_url = store_url
+        self.allowed = allowed  # source URL prefixes this node reads (--allow-source); () = any
         self._cache: OrderedDict[str, _Cached] = OrderedDict()
         self._inflight: dict[str, asyncio.Future[_Cached]] = {}
         self.lookups = 0  # manifest RPCs made
@@ -85,6 +101,8 @@ class SourceLocator:
             source = m.source or (self._store_url().rstrip("/") + m.path if self._store_url() else "")
             if not source:
                 raise Unavailable(f"{path} has no source and the metadata service named no store")
+            if self.allowed and not any(_as_url(source).startswith(_as_url(p)) for p in self.allowed):
+                raise PermissionDenied(f"{path}: its source {source} is outside this node's --allow-source")
             entry = _Cached(time.monotonic(), source, {c.id: (c.offset, c.length) for c in m.chunks})
             self._cache[path] = entry
             self._cache.move_to_end(path)

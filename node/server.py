@@ -441,6 +441,7 @@ class NodeServer:
         insecure_no_auth: bool = False,
         require_client_cert: bool = False,
         max_inflight: int = DEFAULT_MAX_INFLIGHT,
+        allow_sources: tuple[str, ...] = (),
     ) -> None:
         if role not in ROLES:
             raise InvalidArgument(f"role must be one of {', '.join(ROLES)}, not {role!r}")
@@ -456,6 +457,7 @@ class NodeServer:
         self.credentials = credentials or tls.Credentials()
         self.require_client_cert = require_client_cert
         self.max_inflight = max_inflight
+        self.allow_sources = allow_sources
         if meta is None and not insecure_no_auth:
             raise InvalidArgument("a node without a metadata service (--meta none) cannot check tokens: "
                                   "pass --insecure-no-auth to run it open")
@@ -531,7 +533,7 @@ class NodeServer:
                 self.registration = Registration(self.meta, self._node_pb, pool, credentials=self.credentials,
                                                  verifier=self.verifier)
                 reg = self.registration
-                locator = SourceLocator(reg.get_manifest, lambda: reg.store_url)
+                locator = SourceLocator(reg.get_manifest, lambda: reg.store_url, self.allow_sources)
             else:
                 locator = SourceLocator(None)
             self.service = ChunkService(pool, locator=locator, max_inflight=self.max_inflight)
@@ -630,6 +632,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default %(default)s)")
     parser.add_argument("--insecure-no-auth", action="store_true",
                         help="send no token and, with --meta none, accept every request (never on a shared network)")
+    parser.add_argument("--allow-source", action="append", default=[], metavar="PREFIX",
+                        help="read through only from sources under this URL prefix (repeatable; "
+                        "e.g. s3://models/ or file:///nas/); default: any committed source")
     tls.add_server_arguments(parser)
 
 
@@ -665,6 +670,7 @@ async def _run(args: argparse.Namespace, capacity: int, credentials: tls.Credent
         node_id=args.node_id, advertise=getattr(args, "advertise", None), ready_file=args.ready_file, stop=stop,
         credentials=credentials, insecure_no_auth=args.insecure_no_auth,
         require_client_cert=args.tls_require_client_cert, max_inflight=parse_size(args.max_inflight),
+        allow_sources=tuple(args.allow_source),
     )
     log.info("node stopped")
     return 0

@@ -106,6 +106,21 @@ class Credentials:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
 
 
+def export_to_env(args: argparse.Namespace) -> None:
+    """Make ``--token-file`` and ``--tls-*`` this process's defaults for every client it creates.
+
+    For commands (``sdcache run``) whose clients are made deep inside
+    libraries (fsspec URLs): they resolve the environment, as the contract says.
+    """
+    token_file = getattr(args, "token_file", None)
+    if token_file:
+        os.environ["SDCACHE_TOKEN"] = resolve_token(token_file) or ""
+    for what, var in ENV.items():
+        value = getattr(args, f"tls_{what}", None)
+        if value:
+            os.environ[var] = os.path.abspath(value)
+
+
 def add_arguments(parser: argparse.ArgumentParser, *, suppress: bool = False) -> None:
     """``--token-file`` and the three TLS flags (contract), on any command that calls another."""
     default = argparse.SUPPRESS if suppress else None

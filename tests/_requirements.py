@@ -220,20 +220,27 @@ def missing(name: str) -> Missing | None:
     return REQUIREMENTS[name].probe()
 
 
+def skip_reason(name: str) -> str | None:
+    """None when requirement ``name`` is met; else why to skip, or ``pytest.fail`` where it is required."""
+    if name not in REQUIREMENTS:
+        raise ValueError(f"unknown requirement {name!r}; known: {', '.join(REQUIREMENTS)}")
+    miss = missing(name)
+    if miss is None:
+        return None
+    req = REQUIREMENTS[name]
+    if name in required() and not miss.hardware:
+        why = f"{ENV} lists it" if name in _listed()[0] else "this runs as root with /dev/fuse"
+        pytest.fail(f"required {name!r} ({req.what}) is missing: {miss.reason}. "
+                    f"It is required because {why}. Install: {req.install}", pytrace=False)
+    return f"{name}: {miss.reason}"
+
+
 def require(*names: str) -> None:
     """Skip or fail the calling test (or module) unless every requirement in ``names`` is met."""
     for name in names:
-        if name not in REQUIREMENTS:
-            raise ValueError(f"unknown requirement {name!r}; known: {', '.join(REQUIREMENTS)}")
-        miss = missing(name)
-        if miss is None:
-            continue
-        req = REQUIREMENTS[name]
-        if name in required() and not miss.hardware:
-            why = f"{ENV} lists it" if name in _listed()[0] else "running as root with /dev/fuse"
-            pytest.fail(f"required {name!r} ({req.what}) is missing: {miss.reason}. "
-                        f"It is required because {why}. Install: {req.install}", pytrace=False)
-        pytest.skip(f"{name}: {miss.reason}", allow_module_level=True)
+        reason = skip_reason(name)
+        if reason:
+            pytest.skip(reason, allow_module_level=True)
 
 
 def import_required(module: str, requirement: str | None = None) -> ModuleType:

@@ -127,7 +127,12 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_runtest_setup(item: pytest.Item) -> None:
     names = [name for mark in item.iter_markers("requires") for name in mark.args]
     names[:0] = [name for marker, name in (("gpu", "cuda"), ("fuse", "fuse")) if item.get_closest_marker(marker)]
-    requirements.require(*dict.fromkeys(names))
+    for name in dict.fromkeys(names):
+        reason = requirements.skip_reason(name)
+        if reason:
+            # A skip mark, not pytest.skip(): the short summary then names each test skipped.
+            item.add_marker(pytest.mark.skip(reason=reason))
+            return
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
