@@ -85,6 +85,7 @@ def main() -> None:
                            capacity=int((blob_size + ckpt_size) * 1.2), pool_root=pool_root)
     shutil.rmtree(cluster.data_dir, ignore_errors=True)
     cluster.start()
+    os.environ["SDCACHE_TOKEN"] = cluster.admin_token  # as a user exports theirs
     try:
         fs = SdcacheFileSystem(meta=cluster.meta_addr)
 
@@ -188,6 +189,7 @@ def bench_s3(args: argparse.Namespace, ckpt: str, size: int) -> tuple[str, ...]:
         s3 = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint})
         t_s3 = median_time(lambda: s3.cat_file("bench/ckpt.safetensors"), max(1, args.repeat - 1))
         cluster.start()
+        os.environ["SDCACHE_TOKEN"] = cluster.admin_token  # as a user exports theirs
         fs = SdcacheFileSystem(meta=cluster.meta_addr)
         fs.fetcher.short_circuit = False
         import_file(fs.meta, "s3://bench/ckpt.safetensors", "/s3/ckpt.safetensors")

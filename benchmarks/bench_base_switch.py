@@ -195,6 +195,7 @@ def cluster_rows(root: Path, single: Path, folder: Path, repeats: int) -> list[t
     cluster = LocalCluster(str(root / "meta"), nodes=2, capacity=int(size * 0.75) + (256 << 20), pool_root=pool)
     rows = []
     with cluster:
+        os.environ["SDCACHE_TOKEN"] = cluster.admin_token  # as a user exports theirs
         meta = cluster.meta_addr
 
         def cli(*a: str) -> None:

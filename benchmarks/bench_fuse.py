@@ -232,6 +232,7 @@ def main() -> int:
     cluster = LocalCluster(os.path.join(work, "meta"), nodes=3, capacity=3 * GiB // 2, pool_root=pool_root)
     try:
         cluster.start()
+        os.environ["SDCACHE_TOKEN"] = cluster.admin_token  # as a user exports theirs
         meta = cluster.meta_addr
         t = time.perf_counter()
         seq_size = write_sd_checkpoint(seq_src, args.seq_scale, unet_seed=1)

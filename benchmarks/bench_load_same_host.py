@@ -13,6 +13,7 @@ from sdcache.client import load_safetensors
 from safetensors.torch import load_file
 src = sys.argv[1] if len(sys.argv) > 1 else '/tmp/sdcache-bench/sd-2.0g.safetensors'
 c = LocalCluster(tempfile.mkdtemp(prefix='bench-same-host-'), nodes=2, capacity=3<<30, pool_root=tempfile.mkdtemp(dir='/dev/shm')).start()
+os.environ['SDCACHE_TOKEN'] = c.admin_token
 try:
     fs = SdcacheFileSystem(meta=c.meta_addr)
     import_file(fs.meta, src, '/b')

@@ -27,7 +27,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import grpc
 
 from sdcache._proto import meta_pb2 as pb
 from sdcache._proto import meta_pb2_grpc
@@ -35,6 +34,8 @@ from sdcache.chunking import CHUNK_SIZE, ChunkRef
 from sdcache.hashing import chunk_id
 from sdcache.manifest import pack_chunks
 from sdcache.store import SqliteStore
+from sdcache.meta import grpcauth
+from sdcache.tls import Credentials
 
 LIST_TARGET_MS = 100.0
 STAT_TARGET_MS = 1.0
@@ -62,7 +63,12 @@ def start_service(data: Path) -> tuple[subprocess.Popen[str], str]:
     if not line.startswith("sdcache meta listening on "):
         proc.kill()
         raise SystemExit(f"meta service did not start: {line!r}")
+    os.environ["SDCACHE_TOKEN"] = (data / "admin.token").read_text().strip()  # the service wrote it first
     return proc, line.rsplit(" ", 1)[1].strip()
+
+
+def _creds() -> Credentials:
+    return Credentials.resolve()
 
 
 def timed(fn: Callable[[], object], repeat: int) -> list[float]:
@@ -82,7 +88,7 @@ def pct(samples: list[float], q: float) -> float:
 
 async def commit_many(address: str, manifests: list[pb.Manifest], in_flight: int) -> float:
     """Commit *manifests* with *in_flight* concurrent calls; commits per second."""
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with grpcauth.aio_channel(address, _creds()) as channel:
         stub = meta_pb2_grpc.MetaStub(channel)
         todo = iter(manifests)
 
@@ -133,7 +139,7 @@ def main() -> int:
             big = wire_manifest("/bench-big/sdxl.safetensors", nchunks=1700, chunk=CHUNK_SIZE)
             asyncio.run(commit_many(address, [big], 1))
 
-            channel = grpc.insecure_channel(address)
+            channel = grpcauth.channel(address, _creds())
             stub = meta_pb2_grpc.MetaStub(channel)
             store = SqliteStore(data / "meta.db")
             assert list_all_grpc(stub, "/bench", 0) == args.files

@@ -27,7 +27,12 @@ SMALL = 1 << 16  # below this a plain copy is cheaper than the ctypes calls
 
 
 def filled_bytes(n: int, fill: Callable[[memoryview], None]) -> bytes:
-    """A new ``bytes`` of length *n* whose content *fill* writes into the view it is given."""
+    """A new ``bytes`` of length *n* whose content *fill* writes into the view it is given.
+
+    *fill* must not return or raise while anything (a worker thread) still
+    writes into the view: on an error the ``bytes`` is freed at once, and a
+    late write would land in freed memory. ``Fetcher.read_into`` keeps to this.
+    """
     if n <= 0:
         return b""
     if not _CPYTHON or n < SMALL:

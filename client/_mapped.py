@@ -32,6 +32,8 @@ from sdcache.placement import rank
 from sdcache.pool_layout import chunk_path
 from sdcache.safetensors_header import HEADER_LEN, parse_header
 
+from ._inflight import settled
+
 if TYPE_CHECKING:
     import torch
 
@@ -135,12 +137,13 @@ def load_mapped(fetcher: "Fetcher", m: Manifest, name: str) -> dict[str, "torch.
     base = ctypes.addressof(anchor)
     view = memoryview(region)
     try:
+        # Each _place maps over (MAP_FIXED) or writes into the region: none may still run once the
+        # region can be unmapped and its addresses reused, so the first error waits for the rest.
         pending: list[Future[object]] = []
-        for i, c in enumerate(m.chunks):
-            dst = view[places[i] : places[i] + c.length]
-            pending.append(fetcher._executor.submit(_place, fetcher, m, i, base + places[i], dst, local))
-        for f in pending:
-            f.result()
+        with settled(pending):
+            for i, c in enumerate(m.chunks):
+                dst = view[places[i] : places[i] + c.length]
+                pending.append(fetcher._executor.submit(_place, fetcher, m, i, base + places[i], dst, local))
     finally:
         view.release()
         del anchor

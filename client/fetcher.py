@@ -35,6 +35,7 @@ from sdcache.manifest import Manifest
 from sdcache.placement import NodeInfo, rank
 from sdcache.pool_layout import chunk_path
 
+from ._inflight import settled
 from .metaclient import MetaClient
 from .underfs import read_range
 
@@ -212,26 +213,23 @@ class Fetcher:
         """Fill *out* with bytes [start, start+len(out)) of *m* (clipped at EOF), in parallel.
 
         Chunks wholly inside the range are fetched straight into *out*; the
-        partial chunks at either end go through a temporary buffer.
+        partial chunks at either end go through a temporary buffer. Returns
+        or raises (the first chunk's error) only once no fetch writes into
+        *out* any more: the caller may free it at once (see ``_inflight``).
         """
         end = min(start + len(out), m.size)
         if end <= start:
             return 0
         futures: list[Future[object]] = []
-        for i in m.chunks_for(start, end):
-            ref = m.chunks[i]
-            lo, hi = max(start, ref.offset), min(end, ref.offset + ref.length)
-            dst = out[lo - start : hi - start]
-            if lo == ref.offset and hi == ref.offset + ref.length:
-                futures.append(self.submit_into(m, i, dst))
-            else:
-                futures.append(self._executor.submit(self._fetch_part, m, i, lo - ref.offset, dst))
-        try:
-            for f in futures:
-                f.result()
-        finally:
-            for f in futures:
-                f.cancel()
+        with settled(futures):
+            for i in m.chunks_for(start, end):
+                ref = m.chunks[i]
+                lo, hi = max(start, ref.offset), min(end, ref.offset + ref.length)
+                dst = out[lo - start : hi - start]
+                if lo == ref.offset and hi == ref.offset + ref.length:
+                    futures.append(self.submit_into(m, i, dst))
+                else:
+                    futures.append(self._executor.submit(self._fetch_part, m, i, lo - ref.offset, dst))
         return end - start
 
     def _fetch_part(self, m: Manifest, index: int, skip: int, dst: memoryview) -> None:

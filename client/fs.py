@@ -29,6 +29,7 @@ from sdcache.manifest import Entry, Manifest
 from sdcache.tls import Credentials
 
 from ._buffers import filled_bytes
+from ._inflight import settled
 from .fetcher import Fetcher
 from .importer import import_file
 from .metaclient import MetaClient, shared_client
@@ -304,33 +305,44 @@ class SdcacheFile(AbstractBufferedFile):
     def _read_into(self, start: int, out: memoryview) -> None:
         m = self.manifest
         end = start + len(out)
+        # Fetches writing straight into *out*: all done or cancelled before this returns or raises,
+        # since the caller may free *out* at once (see ``_inflight``).
         direct: list[Future[Any]] = []
         copies: list[tuple[Future[bytearray], memoryview, int]] = []
-        for i in m.chunks_for(start, end):
-            ref = m.chunks[i]
-            lo, hi = max(start, ref.offset), min(end, ref.offset + ref.length)
-            dst = out[lo - start : hi - start]
-            fut = self._window.get(i)
-            if fut is None and lo == ref.offset and hi == ref.offset + ref.length:
-                direct.append(self.fetcher.submit_into(m, i, dst))
-                continue
-            if fut is None:
-                fut = self._window[i] = self.fetcher.submit(m, i)
-            copies.append((fut, dst, lo - ref.offset))
-        sequential = start in (0, self._last_end)
-        self._last_end = end
-        last = m.chunk_index(end - 1)
-        if sequential and self.readahead:
-            for i in range(last + 1, min(last + 1 + self.readahead, len(m.chunks))):
-                if i not in self._window:
-                    self._window[i] = self.fetcher.submit(m, i)
-        for fut, dst, skip in copies:
-            dst[:] = memoryview(fut.result())[skip : skip + len(dst)]
-        for f in direct:
-            f.result()
+        with settled(direct):
+            for i in m.chunks_for(start, end):
+                ref = m.chunks[i]
+                lo, hi = max(start, ref.offset), min(end, ref.offset + ref.length)
+                dst = out[lo - start : hi - start]
+                fut = self._window.get(i)
+                if fut is None and lo == ref.offset and hi == ref.offset + ref.length:
+                    direct.append(self.fetcher.submit_into(m, i, dst))
+                    continue
+                if fut is None:
+                    fut = self._window[i] = self.fetcher.submit(m, i)
+                copies.append((fut, dst, lo - ref.offset))
+            sequential = start in (0, self._last_end)
+            self._last_end = end
+            last = m.chunk_index(end - 1)
+            if sequential and self.readahead:
+                for i in range(last + 1, min(last + 1 + self.readahead, len(m.chunks))):
+                    if i not in self._window:
+                        self._window[i] = self.fetcher.submit(m, i)
+            try:
+                for fut, dst, skip in copies:
+                    dst[:] = memoryview(fut.result())[skip : skip + len(dst)]
+            except BaseException:
+                self._forget_failed()
+                raise
         # Chunks behind the reader leave the window; the one it stopped in stays.
         for i in [i for i in self._window if i < last]:
             self._window.pop(i).cancel()
+
+    def _forget_failed(self) -> None:
+        """Drop failed fetches from the window, so the next read of those chunks tries again."""
+        for i, f in list(self._window.items()):
+            if f.done() and (f.cancelled() or f.exception() is not None):
+                del self._window[i]
 
     def close(self) -> None:
         for f in self._window.values():

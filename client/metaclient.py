@@ -7,6 +7,7 @@ messages turned into core types.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -28,6 +29,13 @@ from sdcache.placement import NodeInfo
 from sdcache.tls import Credentials
 
 NODE_LIST_TTL = 2.0  # seconds a node list is trusted before asking again
+NODE_LIST_TIMEOUT = 2.0  # seconds a refresh of a node list already held may take
+NODE_LIST_RETRY = 1.0  # seconds after a failed refresh before the next try
+#: Reads that wait out a restart of the service (see ``MetaClient._call``); ListNodes
+#: is not among them: a failed node-list refresh keeps the last list instead.
+RIDE_OUT_RESTARTS = frozenset({"Stat", "GetManifest", "List", "GetConfig", "Stats"})
+
+log = logging.getLogger(__name__)
 
 
 def resolve_address(meta: str | None = None) -> str:
@@ -35,13 +43,30 @@ def resolve_address(meta: str | None = None) -> str:
     return meta or os.environ.get("SDCACHE_META") or DEFAULT_META
 
 
-def translate(exc: grpc.RpcError, address: str) -> errors.SdcacheError:
-    """The sdcache error a servicer raised; an unreachable service says where it looked."""
+_CONNECT_PREFIX = "failed to connect to all addresses; last error: "
+
+
+def translate(exc: grpc.RpcError, address: str, *, tls: bool | None = None) -> errors.SdcacheError:
+    """The sdcache error a servicer raised; an unreachable service says where it looked, how, and gRPC's reason.
+
+    A plaintext client of a TLS service sees only "Socket closed" and a TLS
+    client with the wrong CA a handshake failure: naming the transport
+    (*tls*) and keeping gRPC's last error makes either one line a user can act on.
+    """
     code = exc.code()  # type: ignore[attr-defined]
     named = dict(exc.trailing_metadata() or ()).get(ERROR_TRAILER)  # type: ignore[attr-defined]
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and not named:
-        return errors.Unavailable(f"metadata service at {address} is unreachable ({code.name.lower()})")
+        how = "" if tls is None else (" over TLS" if tls else " over plaintext gRPC")
+        reason = (exc.details() or "").removeprefix(_CONNECT_PREFIX).strip()  # type: ignore[attr-defined]
+        reason = f": {reason[:300]}" if reason else ""
+        return errors.Unavailable(f"metadata service at {address} is unreachable{how} ({code.name.lower()}){reason}")
     return error_from_rpc(exc)
+
+
+def _connection_down(exc: grpc.RpcError) -> bool:
+    """Whether *exc* is gRPC finding no connection (not an error the service itself sent)."""
+    named = dict(exc.trailing_metadata() or ()).get(ERROR_TRAILER)  # type: ignore[attr-defined]
+    return exc.code() == grpc.StatusCode.UNAVAILABLE and not named  # type: ignore[attr-defined]
 
 
 def node_from_pb(n: pb.Node) -> NodeInfo:
@@ -59,6 +84,12 @@ def node_from_pb(n: pb.Node) -> NodeInfo:
 class MetaClient:
     """Talks to one metadata service; safe to share between threads."""
 
+    # Node-list refresh state, guarded by ``_lock`` (the RPC itself runs outside it).
+    _nodes_flight: threading.Event | None = None  # set when the refresh in progress ends
+    _nodes_failed_at = 0.0  # monotonic time of the last failed refresh; 0 after a success
+    _nodes_error: errors.SdcacheError | None = None  # why it failed
+    _reached = False  # some call got through: UNAVAILABLE from then on is a restart (see _call)
+
     def __init__(self, address: str | None = None, *, timeout: float = 10.0,
                  credentials: Credentials | None = None) -> None:
         self.address = resolve_address(address)
@@ -75,10 +106,32 @@ class MetaClient:
         self._channel.close()
 
     def _call(self, name: str, request: Any, *, timeout: float | None = None) -> Any:
+        """One RPC; a read the service would answer again rides out a restart of the service.
+
+        gRPC fails a call at once while the connection is down. For the reads
+        in :data:`RIDE_OUT_RESTARTS`, once this client has reached the service,
+        that is taken for a restart (``kill -9`` and back in a second or two):
+        the call is made again, waiting for the service to come back within
+        what is left of *timeout*. A client that never reached it fails at once
+        (a wrong address or TLS setting is one clear error, not a wait).
+        """
+        timeout = timeout or self.timeout
+        deadline = time.monotonic() + timeout
         try:
-            return getattr(self._stub, name)(request, timeout=timeout or self.timeout)
+            resp = getattr(self._stub, name)(request, timeout=timeout)
         except grpc.RpcError as exc:
-            raise translate(exc, self.address) from None
+            down = _connection_down(exc)
+            if not down and exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:  # type: ignore[attr-defined]
+                self._reached = True  # the service itself answered, with an error
+            if not (down and self._reached and name in RIDE_OUT_RESTARTS):
+                raise translate(exc, self.address, tls=self.credentials.tls is not None) from None
+            try:
+                resp = getattr(self._stub, name)(request, timeout=max(0.05, deadline - time.monotonic()),
+                                                 wait_for_ready=True)
+            except grpc.RpcError as again:
+                raise translate(again, self.address, tls=self.credentials.tls is not None) from None
+        self._reached = True
+        return resp
 
     # -- namespace -----------------------------------------------------------
     def stat(self, path: str) -> Entry:
@@ -107,15 +160,75 @@ class MetaClient:
 
     # -- nodes ---------------------------------------------------------------
     def nodes(self, *, refresh: bool = False, include_dead: bool = False) -> list[NodeInfo]:
-        """Live nodes; cached for :data:`NODE_LIST_TTL` seconds (placement input)."""
+        """Live nodes (placement input): the last list fetched, refreshed in the background when stale.
+
+        A list older than :data:`NODE_LIST_TTL` is still handed out at once
+        while one background thread asks again (within :data:`NODE_LIST_TIMEOUT`):
+        no caller waits behind a slow or hung metadata service. A failed refresh
+        keeps the last list, so reads keep reaching the nodes while the service
+        is down, and is tried again after :data:`NODE_LIST_RETRY`. Only a caller
+        with no list yet, or one asking for ``refresh``, waits for the RPC, and
+        gets its error (:class:`~sdcache.errors.Unavailable`) when it fails.
+        """
         if include_dead:
             return [node_from_pb(n) for n in self._call("ListNodes", pb.NodesRequest(include_dead=True)).nodes]
-        with self._lock:
-            if refresh or time.monotonic() - self._nodes_at > NODE_LIST_TTL:
-                resp = self._call("ListNodes", pb.NodesRequest())
-                self._nodes = [node_from_pb(n) for n in resp.nodes]
-                self._nodes_at = time.monotonic()
-            return self._nodes
+        while True:
+            now = time.monotonic()
+            with self._lock:
+                have = self._nodes_at > 0
+                failed = self._nodes_error if self._nodes_failed_at else None
+                due = refresh or (now - self._nodes_at > NODE_LIST_TTL
+                                  and now - self._nodes_failed_at >= NODE_LIST_RETRY)
+                flight, mine = self._nodes_flight, False
+                if due and flight is None:
+                    flight = self._nodes_flight = threading.Event()
+                    mine = True
+                nodes = self._nodes
+            if have and not refresh:
+                if mine:
+                    threading.Thread(target=self._refresh_nodes, args=(flight, NODE_LIST_TIMEOUT),
+                                     name="sdcache-node-list", daemon=True).start()
+                return nodes
+            if mine:
+                # No list yet (or refresh asked for): this caller needs the answer. After a failure,
+                # ask with the short timeout: most callers will have given up on the service.
+                timeout = self.timeout if refresh or failed is None else min(self.timeout, NODE_LIST_TIMEOUT)
+                return self._refresh_nodes(flight, timeout, raise_errors=True)
+            if failed is not None and not refresh:
+                raise type(failed)(str(failed))  # down moments ago: do not wait for it again
+            if flight is not None:
+                flight.wait(self.timeout)  # the first list (or a refresh) is on its way
+
+    def _refresh_nodes(self, flight: threading.Event, timeout: float, *, raise_errors: bool = False) -> list[NodeInfo]:
+        """Ask for the node list; on failure keep the last one (and raise if *raise_errors*)."""
+        try:
+            try:
+                resp = self._call("ListNodes", pb.NodesRequest(), timeout=timeout)
+                nodes = [node_from_pb(n) for n in resp.nodes]
+            except Exception as exc:  # a closed channel raises ValueError
+                err = exc if isinstance(exc, errors.SdcacheError) else errors.Unavailable(
+                    f"metadata service at {self.address}: {exc}")
+                with self._lock:
+                    first = not self._nodes_failed_at
+                    self._nodes_failed_at = time.monotonic()
+                    self._nodes_error = err
+                    age = time.monotonic() - self._nodes_at if self._nodes_at else 0.0
+                    nodes = self._nodes
+                if raise_errors:
+                    raise err from None
+                log.log(logging.WARNING if first else logging.DEBUG,
+                        "cannot refresh the node list (%s); using the one from %.0fs ago", err, age)
+                return nodes
+            with self._lock:
+                if self._nodes_failed_at:
+                    log.info("node list refreshed again from %s", self.address)
+                self._nodes, self._nodes_at = nodes, time.monotonic()
+                self._nodes_failed_at, self._nodes_error = 0.0, None
+            return nodes
+        finally:
+            with self._lock:
+                self._nodes_flight = None
+            flight.set()
 
     def nodes_raw(self, *, include_dead: bool = False) -> list[pb.Node]:
         return list(self._call("ListNodes", pb.NodesRequest(include_dead=include_dead)).nodes)
@@ -131,7 +244,7 @@ class MetaClient:
         try:
             yield from self._stub.Warmup(pb.WarmupRequest(paths=paths, recursive=recursive, check=check), timeout=3600)
         except grpc.RpcError as exc:
-            raise translate(exc, self.address) from None
+            raise translate(exc, self.address, tls=self.credentials.tls is not None) from None
 
     def evict(self, paths: list[str], *, recursive: bool = False) -> pb.EvictResponse:
         return self._call("Evict", pb.EvictRequest(paths=paths, recursive=recursive), timeout=600)

@@ -83,7 +83,10 @@ class Registration:
                               "--token-file, $SDCACHE_TOKEN or $SDCACHE_TOKEN_FILE)", self.meta, e.details())
                 failures += 1
                 level = logging.WARNING if failures in (1, 10) or failures % 100 == 0 else logging.DEBUG
-                log.log(level, "cannot register with metadata service %s (%s), retrying", self.meta, e.code().name)
+                # gRPC's details carry the reason a TLS handshake failed (wrong CA, a
+                # certificate not allowed for client use under mutual TLS).
+                log.log(level, "cannot register with metadata service %s (%s: %s), retrying", self.meta,
+                        e.code().name, e.details())
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, BACKOFF_MAX)
         self.registrations += 1

@@ -255,6 +255,20 @@ def _error_response(exc: SdcacheError) -> web.Response:
                              headers=headers)
 
 
+def _refusal_response(request: web.Request, exc: web.HTTPException) -> web.Response:
+    """aiohttp's own refusals (no such route, wrong method, body over MAX_BODY) as contract JSON.
+
+    The status stays aiohttp's (404, 405, 413); the error is NotFound for 404 and
+    InvalidArgument for any other refused request, so clients rebuild it like ours.
+    """
+    kind = NotFound if exc.status == 404 else InvalidArgument
+    message = exc.text or exc.reason
+    if exc.status in (404, 405):
+        message = f"{message}: {request.method} {request.path[:200]}"
+    headers = {k: v for k, v in exc.headers.items() if k.lower() not in ("content-type", "content-length")}
+    return web.json_response({"error": kind.__name__, "message": message}, status=exc.status, headers=headers)
+
+
 def _auth(verifier: auth.TokenVerifier) -> Callable[..., Any]:
     """Checks every request's bearer token and role before its handler runs."""
 
@@ -278,7 +292,11 @@ async def _errors(request: web.Request, handler: Callable[..., Any]) -> web.Stre
         return await handler(request)
     except SdcacheError as e:
         return _error_response(e)
-    except (web.HTTPException, ConnectionError):
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        return _refusal_response(request, e)
+    except ConnectionError:
         raise  # a client that hung up mid-body is aiohttp's to handle
     except Exception as e:  # noqa: BLE001 - the client must get JSON, not a traceback page
         log.exception("error handling %s %s", request.method, request.path)
@@ -286,10 +304,16 @@ async def _errors(request: web.Request, handler: Callable[..., Any]) -> web.Stre
 
 
 async def _json(request: web.Request) -> dict[str, Any]:
+    declared = request.content_length
+    if declared is not None and declared > MAX_BODY:
+        # Refused on the header alone: aiohttp would read MAX_BODY bytes first, or wait for them.
+        raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY, actual_size=declared)
     try:
         body = await request.json()
     except ValueError as e:
         raise InvalidArgument(f"request body is not JSON: {e}") from None
+    except RecursionError:  # json's decoder recurses per [ or {: a body of 100,000 of them is a 500 otherwise
+        raise InvalidArgument("request body is nested too deeply to be a request") from None
     if not isinstance(body, dict):
         raise InvalidArgument("request body must be a JSON object")
     return body
@@ -386,6 +410,7 @@ class NodeApp:
         s["inflight_limit"] = self.service.budget.limit
         s["overloaded"] = self.service.budget.refused
         s["manifest_lookups"] = self.service.locator.lookups
+        s["pinned_ids"] = len(self.service.pool.pinned)  # pinned by the service; "pinned" = of those, held here
         s.update(self._info())
         return web.json_response(s)
 
@@ -496,6 +521,8 @@ class NodeServer:
             "host_id": host_id(),
             "address": self.advertise or self.address,
             "registered": bool(self.registration and self.registration.registered.is_set()),
+            # the pins generation applied to the pool; None until registered and loaded
+            "pins_generation": self.registration.pins_generation if self.registration else None,
         }
 
     async def start(self) -> str:

@@ -423,6 +423,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # gRPC's C core logs at INFO unless told otherwise (a failed TLS handshake adds an "I1201 ...
+    # ssl_transport_security.cc" line to our one-line error). Read once, when grpc is first
+    # imported: before build_parser() imports the servers. GRPC_VERBOSITY=INFO brings it back.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)

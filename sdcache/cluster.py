@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import auth, errors
-from .tls import Credentials
+from .tls import Credentials, TlsFiles
 from .units import format_size, parse_size
 
 READY_TIMEOUT = 30.0
@@ -110,8 +110,13 @@ class LocalCluster:
 
     @property
     def credentials(self) -> Credentials:
-        """Admin credentials for this cluster (TLS files from the environment, as any client)."""
-        return Credentials.resolve(token=self.admin_token or None)
+        """Admin credentials for this cluster's own calls.
+
+        TLS files come from ``$SDCACHE_TLS_*`` in the environment the children
+        get (ours plus *env*), so a cluster told its CA through *env* can also
+        reach its own TLS metadata service.
+        """
+        return Credentials(self.admin_token or auth.resolve_token(), TlsFiles.resolve(env=self._env()))
 
     @property
     def meta_addr(self) -> str:

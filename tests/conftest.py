@@ -103,12 +103,18 @@ def own_cluster(tmp_path: object) -> Iterator[LocalCluster]:
 
 
 def run_cli(*args: str, meta: str | None = None, input: bytes | None = None,
-            check: bool = False) -> subprocess.CompletedProcess[str]:
-    """Run the real ``sdcache`` command line in a subprocess."""
+            check: bool = False, env: dict[str, str | None] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the real ``sdcache`` command line in a subprocess (*env*: changes; None removes a variable)."""
     argv = [sys.executable, "-m", "sdcache", *args]
     if meta:
         argv[3:3] = ["--meta", meta]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    child_env = dict(os.environ)
+    for k, v in (env or {}).items():
+        if v is None:
+            child_env.pop(k, None)
+        else:
+            child_env[k] = v
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=child_env)
     if check and proc.returncode != 0:
         raise AssertionError(f"sdcache {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
     return proc

@@ -38,7 +38,10 @@ def test_nul_in_a_path_is_rejected_by_the_service(cluster):
     with pytest.raises(errors.InvalidPath):
         MetaClient(cluster.meta_addr).stat("/a/\x00b")
     # The service validates on its own too, whatever a client sends.
-    with grpc.insecure_channel(cluster.meta_addr) as ch:
+    from sdcache.meta.grpcauth import channel
+    from sdcache.tls import Credentials
+
+    with channel(cluster.meta_addr, Credentials(token=cluster.admin_token)) as ch:
         with pytest.raises(grpc.RpcError) as info:
             pbg.MetaStub(ch).Stat(pb.PathRequest(path="/a/\x00b"))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT

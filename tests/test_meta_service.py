@@ -1,18 +1,23 @@
 """The metadata service over gRPC, as a real subprocess on port 0.
 
-Warm-up is tested against small real aiohttp servers that implement the node
-control endpoints (/warm, /has, /evict) honestly: they read the byte ranges
-from the source files, check the chunk hash and keep the bytes in a dict.
+Every call carries the test suite's admin token (``conftest``); the service
+signs with the suite's key. Warm-up, checks and eviction run against real
+``sdcache node`` subprocesses (:class:`~sdcache.cluster.LocalCluster`); a
+node that fails is a node killed with SIGKILL or a source file removed, and
+a full pool is a node started with a small ``--capacity``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import select
+import json
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,91 +25,22 @@ from urllib.parse import unquote, urlparse
 
 import grpc
 import pytest
-from aiohttp import web
 
 from sdcache import errors
 from sdcache._proto import meta_pb2 as pb
 from sdcache._proto import meta_pb2_grpc
 from sdcache.chunking import CHUNK_SIZE, ChunkRef
+from sdcache.cluster import LocalCluster
 from sdcache.hashing import chunk_id
 from sdcache.manifest import pack_chunks, unpack_chunks
-from sdcache.meta.convert import ERROR_TRAILER, error_from_rpc
+from sdcache.meta import grpcauth
+from sdcache.meta.convert import error_from_rpc
 from sdcache.meta.server import serve
 from sdcache.placement import NodeInfo, owner
+from sdcache.tls import Credentials
 
-CALL = 10.0  # seconds: deadline of every test RPC
-START = 30.0  # seconds: deadline for a service to report it listens
-
-
-# -- the service as a subprocess ---------------------------------------------
-
-
-class MetaProcess:
-    """``sdcache meta`` running in a subprocess; ``address`` is what it reported."""
-
-    def __init__(self, data: Path, *args: str) -> None:
-        self.data = data
-        self.ready_file = data.parent / f"{data.name}.ready"
-        self.stderr_path = data.parent / f"{data.name}.stderr"
-        cmd = [
-            sys.executable,
-            "-c",
-            "import sys; from sdcache.meta.server import _cli; sys.exit(_cli())",
-            "--data",
-            str(data),
-            "--listen",
-            "127.0.0.1:0",
-            "--ready-file",
-            str(self.ready_file),
-            *args,
-        ]
-        self.stderr = open(self.stderr_path, "wb")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.stderr, text=True)
-        self.address = self._wait_ready()
-        self.channel = grpc.insecure_channel(self.address)
-        self.stub = meta_pb2_grpc.MetaStub(self.channel)
-
-    def _wait_ready(self) -> str:
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + START
-        while time.monotonic() < deadline:
-            readable, _, _ = select.select([self.proc.stdout], [], [], 0.1)
-            if readable:
-                line = self.proc.stdout.readline()
-                if not line:
-                    break
-                assert line.startswith("sdcache meta listening on "), line
-                return line.rsplit(" ", 1)[1].strip()
-            if self.proc.poll() is not None:
-                break
-        self.proc.kill()
-        self.proc.wait()
-        self._close_pipes()
-        raise AssertionError(f"meta service did not start: {self.stderr_path.read_text()}")
-
-    def stop(self) -> int:
-        """SIGTERM, and the exit status; the service must not have logged a traceback."""
-        self.channel.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            rc = self.proc.wait(timeout=15)
-        finally:
-            self._close_pipes()
-        log = self.stderr_path.read_text()
-        assert "Traceback" not in log and "Unclosed" not in log, log
-        return rc
-
-    def kill(self) -> None:
-        self.channel.close()
-        self.proc.kill()
-        self.proc.wait()
-        self._close_pipes()
-
-    def _close_pipes(self) -> None:
-        assert self.proc.stdout is not None
-        self.proc.stdout.close()
-        self.stderr.close()
+from ._meta_process import CALL, START, MetaProcess, commit, poll, rpc_error, trailer, wire_manifest
+from .conftest import ADMIN_TOKEN, TOKEN_KEY, mint_token
 
 
 @pytest.fixture(scope="module")
@@ -129,35 +65,6 @@ def fresh_meta(tmp_path: Path) -> Iterator[Callable[..., MetaProcess]]:
         if m.proc.poll() is None:
             assert m.stop() == 0, m.stderr_path.read_text()
 
-
-def wire_manifest(path: str, data: bytes, *, chunk: int = 1000, source: str = "") -> pb.Manifest:
-    """The wire manifest of *data* cut in *chunk*-byte chunks with real ids."""
-    refs = [ChunkRef(o, len(data[o : o + chunk]), chunk_id(data[o : o + chunk])) for o in range(0, len(data), chunk)]
-    return pb.Manifest(
-        path=path,
-        size=len(data),
-        mtime=1700000000.0,
-        source=source,
-        version_tag=f"1700000000.0:{len(data)}",
-        sha256="00" * 32,
-        chunks=pack_chunks(refs),
-        kind="lora",
-        metadata={"ss_network_dim": "8"},
-    )
-
-
-def commit(stub: meta_pb2_grpc.MetaStub, manifest: pb.Manifest) -> int:
-    return stub.Commit(pb.CommitRequest(manifest=manifest), timeout=CALL).generation
-
-
-def rpc_error(call: Callable[[], Any]) -> grpc.RpcError:
-    with pytest.raises(grpc.RpcError) as info:
-        call()
-    return info.value
-
-
-def trailer(err: grpc.RpcError) -> str | None:
-    return dict(err.trailing_metadata() or ()).get(ERROR_TRAILER)
 
 
 # -- namespace ---------------------------------------------------------------
@@ -309,9 +216,11 @@ def test_busy_port_is_one_clear_line(meta: MetaProcess, tmp_path: Path) -> None:
 def test_serve_runs_in_process_until_cancelled(tmp_path: Path) -> None:
     async def main() -> None:
         ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        task = asyncio.create_task(serve(tmp_path / "d", "127.0.0.1:0", heartbeat_interval=0.5, ready=ready.set_result))
+        task = asyncio.create_task(serve(tmp_path / "d", "127.0.0.1:0", heartbeat_interval=0.5, ready=ready.set_result,
+                                         token_key=TOKEN_KEY))
         address = await asyncio.wait_for(ready, START)
-        async with grpc.aio.insecure_channel(address) as channel:
+        node_token = mint_token("node", "in-process-node")
+        async with grpcauth.aio_channel(address, Credentials(token=node_token)) as channel:
             stub = meta_pb2_grpc.MetaStub(channel)
             reply = await stub.RegisterNode(pb.Node(node_id="n", address="127.0.0.1:1", capacity=1), timeout=CALL)
             assert reply.heartbeat_interval == 0.5
@@ -324,15 +233,6 @@ def test_serve_runs_in_process_until_cancelled(tmp_path: Path) -> None:
 
 
 # -- nodes -------------------------------------------------------------------
-
-
-def _poll(predicate: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 def test_nodes_register_heartbeat_and_expire(fresh_meta: Callable[..., MetaProcess]) -> None:
@@ -351,7 +251,7 @@ def test_nodes_register_heartbeat_and_expire(fresh_meta: Callable[..., MetaProce
     assert (stats.nodes, stats.capacity, stats.used) == (1, 1 << 30, 4096)
 
     stopped = time.monotonic()  # the node stops heartbeating
-    assert _poll(lambda: not m.stub.ListNodes(pb.NodesRequest(), timeout=CALL).nodes, 10.0)
+    assert poll(lambda: not m.stub.ListNodes(pb.NodesRequest(), timeout=CALL).nodes, 10.0)
     assert time.monotonic() - stopped >= 0.3  # not dropped at the first missed beat
     everyone = m.stub.ListNodes(pb.NodesRequest(include_dead=True), timeout=CALL).nodes
     assert [(n.node_id, n.alive) for n in everyone] == [("n1", False)]
@@ -368,85 +268,65 @@ def test_nodes_register_heartbeat_and_expire(fresh_meta: Callable[..., MetaProce
     assert [n.node_id for n in m.stub.ListNodes(pb.NodesRequest(), timeout=CALL).nodes] == ["n1"]
 
 
-# -- warm-up against real HTTP nodes ----------------------------------------
+# -- warm-up against real nodes ----------------------------------------------
 
 
-class PoolNode:
-    """A real aiohttp server with the node control API over a dict of chunks."""
+@pytest.fixture
+def nodes_cluster(tmp_path: Path) -> Iterator[Callable[..., LocalCluster]]:
+    """Start a metadata service with real ``sdcache node`` subprocesses (``node0``, ``node1``, ...)."""
+    made: list[LocalCluster] = []
 
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.chunks: dict[str, bytes] = {}
-        self.warm_calls = 0
-        app = web.Application()
-        app.router.add_post("/warm", self.warm)
-        app.router.add_post("/has", self.has)
-        app.router.add_post("/evict", self.evict)
-        self.runner = web.AppRunner(app)
-        self.address = ""
+    def start(nodes: int = 2, capacity: int = 1 << 20, heartbeat: float = 1.0) -> LocalCluster:
+        pool_root = tempfile.mkdtemp(prefix="sdcache-test-pool-", dir="/dev/shm")
+        c = LocalCluster(str(tmp_path / f"cluster{len(made)}"), nodes=nodes, capacity=capacity,
+                         heartbeat_interval=heartbeat, pool_root=pool_root, token_key=TOKEN_KEY)
+        made.append(c)
+        return c.start()
 
-    async def start(self) -> PoolNode:
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", 0).start()
-        host, port = self.runner.addresses[0][:2]
-        self.address = f"{host}:{port}"
-        return self
-
-    @property
-    def used(self) -> int:
-        return sum(map(len, self.chunks.values()))
-
-    async def warm(self, request: web.Request) -> web.Response:
-        body = await request.json()
-        self.warm_calls += 1
-        out: dict[str, Any] = {"loaded": 0, "bytes": 0, "present": 0, "failed": [], "no_space": 0}
-        for c in body["chunks"]:
-            if c["id"] in self.chunks:
-                out["present"] += 1
-                continue
-            with open(unquote(urlparse(c["src"]).path), "rb") as f:
-                f.seek(c["off"])
-                data = f.read(c["len"])
-            if chunk_id(data) != c["id"]:
-                out["failed"].append({"id": c["id"], "error": "hash mismatch"})
-            elif self.used + len(data) > self.capacity:
-                out["no_space"] += 1
-            else:
-                self.chunks[c["id"]] = data
-                out["loaded"] += 1
-                out["bytes"] += len(data)
-        return web.json_response(out)
-
-    async def has(self, request: web.Request) -> web.Response:
-        ids = (await request.json())["ids"]
-        return web.json_response({"present": [i for i in ids if i in self.chunks]})
-
-    async def evict(self, request: web.Request) -> web.Response:
-        gone = [self.chunks.pop(i) for i in (await request.json())["ids"] if i in self.chunks]
-        return web.json_response({"chunks": len(gone), "bytes": sum(map(len, gone))})
+    yield start
+    for c in made:
+        c.stop()
+        shutil.rmtree(c.pool_root, ignore_errors=True)
 
 
-async def _with_nodes(address: str, capacities: list[int], body: Callable[..., Any]) -> None:
-    """Run *body(stub, nodes)* with live, registered, heartbeating PoolNodes."""
-    nodes = [await PoolNode(c).start() for c in capacities]
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = meta_pb2_grpc.MetaStub(channel)
-        for i, n in enumerate(nodes):
-            await stub.RegisterNode(pb.Node(node_id=f"node{i}", address=n.address, capacity=n.capacity), timeout=CALL)
+class Node:
+    """One real node of a cluster, seen through its HTTP API with the admin token."""
 
-        async def beat() -> None:
-            while True:
-                for i, n in enumerate(nodes):
-                    await stub.Heartbeat(pb.HeartbeatRequest(node_id=f"node{i}", used=n.used), timeout=CALL)
-                await asyncio.sleep(0.3)
+    def __init__(self, node_id: str, address: str) -> None:
+        self.node_id = node_id
+        self.address = address
 
-        beating = asyncio.create_task(beat())
-        try:
-            await body(stub, nodes)
-        finally:
-            beating.cancel()
-            for n in nodes:
-                await n.runner.cleanup()
+    def call(self, method: str, route: str, body: Any = None) -> bytes:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(f"http://{self.address}{route}", data=data, method=method,
+                                     headers={"Authorization": f"Bearer {ADMIN_TOKEN}",
+                                              "Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=CALL) as resp:
+            return resp.read()
+
+    def has(self, ids: Any) -> set[str]:
+        return set(json.loads(self.call("POST", "/has", {"ids": list(ids)}))["present"])
+
+    def stats(self) -> dict[str, Any]:
+        return json.loads(self.call("GET", "/stats"))
+
+    def chunk(self, cid: str) -> bytes:
+        """The chunk from the pool (no path: a node never reads through for it)."""
+        return self.call("GET", f"/chunks/{cid}")
+
+
+def _nodes(c: LocalCluster) -> list[Node]:
+    return [Node(f"node{i}", child.address) for i, child in enumerate(c.node_children)]
+
+
+def _admin_stub(c: LocalCluster) -> tuple[grpc.Channel, meta_pb2_grpc.MetaStub]:
+    channel = grpcauth.channel(c.meta_addr, Credentials(token=ADMIN_TOKEN))
+    return channel, meta_pb2_grpc.MetaStub(channel)
+
+
+def _placement(stub: meta_pb2_grpc.MetaStub) -> list[NodeInfo]:
+    """The live nodes as the service places chunks over them."""
+    return [NodeInfo(n.node_id, n.address, n.capacity) for n in stub.ListNodes(pb.NodesRequest(), timeout=CALL).nodes]
 
 
 def _source_file(tmp_path: Path, name: str, data: bytes) -> str:
@@ -459,104 +339,129 @@ def _pattern(seed: int, n: int) -> bytes:
     return bytes((i * seed + i // 251) % 256 for i in range(n))
 
 
-def test_warmup_loads_each_chunk_on_its_owner(fresh_meta: Callable[..., MetaProcess], tmp_path: Path) -> None:
-    m = fresh_meta()
+def _total(nodes: list[Node], key: str) -> int:
+    return sum(n.stats()[key] for n in nodes)
+
+
+def test_warmup_loads_each_chunk_on_its_owner(nodes_cluster: Callable[..., LocalCluster], tmp_path: Path) -> None:
+    c = nodes_cluster(2, 1 << 20)
+    channel, stub = _admin_stub(c)
+    nodes = _nodes(c)
     a = _pattern(7, 300_000)
     b = a[:100_000] + _pattern(13, 150_000)  # shares 100 chunks with a
     for name, data in (("a.bin", a), ("b.bin", b)):
-        src = _source_file(tmp_path, name, data)
-        commit(m.stub, wire_manifest(f"/w/{name}", data, source=src))
+        commit(stub, wire_manifest(f"/w/{name}", data, source=_source_file(tmp_path, name, data)))
     total = len(a) + len(b)
 
-    async def body(stub: meta_pb2_grpc.MetaStub, nodes: list[PoolNode]) -> None:
-        progress = [p async for p in stub.Warmup(pb.WarmupRequest(paths=["/w"], recursive=True), timeout=60)]
-        assert progress[-1].done and not any(p.done for p in progress[:-1])
-        assert [p.done_bytes for p in progress] == sorted(p.done_bytes for p in progress)
-        assert progress[-1].done_bytes == total == progress[0].total_bytes
-        assert (progress[0].pool_capacity, progress[0].fits_bytes) == (2 << 20, total)  # all of it fits
-        assert len(progress) >= 2 + 550 // 64  # a report after every batch of <= 64 chunks
-        assert "needs" not in progress[-1].message
+    progress = list(stub.Warmup(pb.WarmupRequest(paths=["/w"], recursive=True), timeout=60))
+    assert progress[-1].done and not any(p.done for p in progress[:-1])
+    assert [p.done_bytes for p in progress] == sorted(p.done_bytes for p in progress)
+    assert progress[-1].done_bytes == total == progress[0].total_bytes
+    assert (progress[0].pool_capacity, progress[0].fits_bytes) == (2 << 20, total)  # all of it fits
+    assert len(progress) >= 2 + 550 // 64  # a report after every batch of <= 64 chunks
+    assert "needs" not in progress[-1].message and "failed" not in progress[-1].message
 
-        infos = [NodeInfo(f"node{i}", n.address, n.capacity) for i, n in enumerate(nodes)]
-        manifests = [await stub.GetManifest(pb.PathRequest(path=f"/w/{x}"), timeout=CALL) for x in ("a.bin", "b.bin")]
-        refs = {c.id: c.length for mf in manifests for c in unpack_chunks(mf.chunks)}
-        for i, n in enumerate(nodes):
-            mine = {cid for cid in refs if owner(cid, infos).node_id == f"node{i}"}
-            assert set(n.chunks) == mine and mine  # each chunk on its owner, only there
-        assert sum(n.used for n in nodes) == sum(refs.values())  # shared chunks stored once
+    infos = _placement(stub)
+    manifests = [stub.GetManifest(pb.PathRequest(path=f"/w/{x}"), timeout=CALL) for x in ("a.bin", "b.bin")]
+    refs = {ch.id: ch.length for mf in manifests for ch in unpack_chunks(mf.chunks)}
+    for n in nodes:
+        mine = {cid for cid in refs if owner(cid, infos).node_id == n.node_id}
+        assert n.has(refs) == mine and mine  # each chunk on its owner, only there
+    assert _total(nodes, "used") == sum(refs.values())  # shared chunks stored once
+    reads = _total(nodes, "understore_reads")
+    assert reads == len(refs)  # each distinct chunk read from its source once
 
-        check = [p async for p in stub.Warmup(pb.WarmupRequest(paths=["/w/a.bin", "/w/b.bin"], check=True), timeout=60)]
-        assert check[-1].done and check[-1].done_bytes == total
-        assert [p.path for p in check[:-1]] == ["/w/a.bin", "/w/b.bin"]
-        assert sum(n.warm_calls for n in nodes) == len(progress) - 2  # checking loads nothing
+    check = list(stub.Warmup(pb.WarmupRequest(paths=["/w/a.bin", "/w/b.bin"], check=True), timeout=60))
+    assert check[-1].done and check[-1].done_bytes == total
+    assert [p.path for p in check[:-1]] == ["/w/a.bin", "/w/b.bin"]
+    assert _total(nodes, "understore_reads") == reads  # checking loads nothing
+    assert _total(nodes, "used") == sum(refs.values())
 
-        ev = await stub.Evict(pb.EvictRequest(paths=["/w/a.bin"]), timeout=CALL)
-        a_only = {c.id for c in unpack_chunks(manifests[0].chunks)}
-        assert ev.chunks == len(a_only) and ev.bytes == sum(refs[i] for i in a_only)
-        assert not any(set(n.chunks) & a_only for n in nodes)
-        check = [p async for p in stub.Warmup(pb.WarmupRequest(paths=["/w"], recursive=True, check=True), timeout=60)]
-        assert check[-1].done_bytes == len(b) - 100_000  # b's shared chunks went with a
+    a_ids = {ch.id for ch in unpack_chunks(manifests[0].chunks)}
+    b_ids = {ch.id for ch in unpack_chunks(manifests[1].chunks)}
+    ev = stub.Evict(pb.EvictRequest(paths=["/w/a.bin"]), timeout=CALL)
+    a_only = a_ids - b_ids
+    assert ev.chunks == len(a_only) and ev.bytes == sum(refs[i] for i in a_only)
+    # a node keeps the chunks another cached file (b) still needs
+    assert set().union(*(n.has(refs) for n in nodes)) == b_ids
+    check = list(stub.Warmup(pb.WarmupRequest(paths=["/w"], recursive=True, check=True), timeout=60))
+    assert check[-1].done_bytes == len(b) + 100_000  # all of b, and the part of a it shares
+    assert [p.message for p in check[:-1]] == ["97.7 KiB of 293.0 KiB cached", "244.1 KiB of 244.1 KiB cached"]
 
-        stats = await stub.Stats(pb.StatsRequest(), timeout=CALL)
-        assert (stats.files, stats.bytes, stats.unique_bytes, stats.nodes) == (2, total, sum(refs.values()), 2)
+    stats = stub.Stats(pb.StatsRequest(), timeout=CALL)
+    assert (stats.files, stats.bytes, stats.unique_bytes, stats.nodes) == (2, total, sum(refs.values()), 2)
+    channel.close()
 
-    asyncio.run(_with_nodes(m.address, [1 << 20, 1 << 20], body))
 
-
-def test_warmup_larger_than_the_pool_says_so(fresh_meta: Callable[..., MetaProcess], tmp_path: Path) -> None:
-    m = fresh_meta()
+def test_warmup_larger_than_the_pool_says_so(nodes_cluster: Callable[..., LocalCluster], tmp_path: Path) -> None:
+    c = nodes_cluster(2, 125_000)  # two small pools: 250,000 bytes in all
+    channel, stub = _admin_stub(c)
+    nodes = _nodes(c)
     for i in range(3):
         data = _pattern(3 + i, 100_000)
-        src = _source_file(tmp_path, f"f{i}", data)
-        commit(m.stub, wire_manifest(f"/big/f{i}", data, source=src))
+        commit(stub, wire_manifest(f"/big/f{i}", data, source=_source_file(tmp_path, f"f{i}", data)))
 
-    async def body(stub: meta_pb2_grpc.MetaStub, nodes: list[PoolNode]) -> None:
-        check = [p async for p in stub.Warmup(pb.WarmupRequest(paths=["/big"], recursive=True, check=True), timeout=60)]
-        final = check[-1]
-        assert (final.total_bytes, final.pool_capacity, final.fits_bytes) == (300_000, 250_000, 250_000)
-        assert final.done_bytes == 0
-        assert "warm-up of /big needs 293.0 KiB but the pool holds 244.1 KiB; 244.1 KiB fits" in final.message
-        progress = [p async for p in stub.Warmup(pb.WarmupRequest(paths=["/big"], recursive=True), timeout=60)]
-        assert "needs 293.0 KiB" in progress[0].message and "skipped 1 file(s)" in progress[-1].message
-        in_pool = sum(n.used for n in nodes)
-        assert progress[-1].done_bytes == in_pool <= 250_000  # reports exactly what the nodes hold
-        again = [p async for p in stub.Warmup(pb.WarmupRequest(paths=["/big"], recursive=True, check=True), timeout=60)]
-        assert again[-1].done_bytes == in_pool
-
-    asyncio.run(_with_nodes(m.address, [125_000, 125_000], body))
+    check = list(stub.Warmup(pb.WarmupRequest(paths=["/big"], recursive=True, check=True), timeout=60))
+    final = check[-1]
+    assert (final.total_bytes, final.pool_capacity, final.fits_bytes) == (300_000, 250_000, 250_000)
+    assert final.done_bytes == 0
+    assert "warm-up of /big needs 293.0 KiB but the pool holds 244.1 KiB; 244.1 KiB fits" in final.message
+    progress = list(stub.Warmup(pb.WarmupRequest(paths=["/big"], recursive=True), timeout=60))
+    assert "needs 293.0 KiB" in progress[0].message and "skipped 1 file(s)" in progress[-1].message
+    in_pool = _total(nodes, "used")
+    assert progress[-1].done_bytes == in_pool <= 250_000  # reports exactly what the nodes hold
+    again = list(stub.Warmup(pb.WarmupRequest(paths=["/big"], recursive=True, check=True), timeout=60))
+    assert again[-1].done_bytes == in_pool
+    channel.close()
 
 
-def test_warmup_reports_a_dead_node(fresh_meta: Callable[..., MetaProcess], tmp_path: Path) -> None:
-    m = fresh_meta()
+def test_warmup_reports_a_dead_node(nodes_cluster: Callable[..., LocalCluster], tmp_path: Path) -> None:
+    c = nodes_cluster(2, 1 << 20, heartbeat=1.0)  # a dead node stays listed for 3 s
+    channel, stub = _admin_stub(c)
+    survivor, victim = _nodes(c)
     data = _pattern(5, 50_000)
-    src = _source_file(tmp_path, "x", data)
-    commit(m.stub, wire_manifest("/d/x", data, source=src))
+    commit(stub, wire_manifest("/d/x", data, source=_source_file(tmp_path, "x", data)))
 
-    async def body(stub: meta_pb2_grpc.MetaStub, nodes: list[PoolNode]) -> None:
-        await nodes[1].runner.cleanup()  # registered and heartbeating, but its HTTP server is gone
-        progress = [p async for p in stub.Warmup(pb.WarmupRequest(paths=["/d/x"]), timeout=60)]
-        final = progress[-1]
-        assert final.done and final.done_bytes == nodes[0].used < 50_000
-        assert "failed to load" in final.message and nodes[1].address in final.message
+    child = c.node_children[1]
+    child.signal(signal.SIGKILL)  # still registered and listed as live, but gone
+    assert child.proc is not None and child.proc.wait(timeout=CALL) == -signal.SIGKILL
+    progress = list(stub.Warmup(pb.WarmupRequest(paths=["/d/x"]), timeout=60))
+    final = progress[-1]
+    assert final.done and 0 < final.done_bytes == survivor.stats()["used"] < 50_000
+    assert "failed to load" in final.message and victim.address in final.message
+    channel.close()
 
-    asyncio.run(_with_nodes(m.address, [1 << 20, 1 << 20], body))
+
+def test_warmup_reports_a_vanished_source(nodes_cluster: Callable[..., LocalCluster], tmp_path: Path) -> None:
+    c = nodes_cluster(1, 1 << 20)
+    channel, stub = _admin_stub(c)
+    (node,) = _nodes(c)
+    data = _pattern(9, 30_000)
+    commit(stub, wire_manifest("/gone/x", data, source=_source_file(tmp_path, "x", data)))
+    (tmp_path / "x").unlink()
+
+    final = list(stub.Warmup(pb.WarmupRequest(paths=["/gone/x"]), timeout=60))[-1]
+    assert final.done and final.done_bytes == 0 and node.stats()["used"] == 0
+    assert "30 chunk(s) failed to load" in final.message and node.address in final.message
+    assert "StaleSource" in final.message and str(tmp_path / "x") in final.message  # the node's reason
+    channel.close()
 
 
 def test_warmup_reads_files_without_a_source_from_the_cluster_store(
-    fresh_meta: Callable[..., MetaProcess],
+    nodes_cluster: Callable[..., LocalCluster],
 ) -> None:
-    m = fresh_meta()
-    store_dir = Path(unquote(urlparse(m.stub.GetConfig(pb.ConfigRequest(), timeout=CALL).store_url).path))
+    c = nodes_cluster(2, 1 << 20)
+    channel, stub = _admin_stub(c)
+    nodes = _nodes(c)
+    store_dir = Path(unquote(urlparse(stub.GetConfig(pb.ConfigRequest(), timeout=CALL).store_url).path))
     data = _pattern(11, 20_000)
     (store_dir / "put").mkdir()
     (store_dir / "put" / "x.bin").write_bytes(data)  # where `sdcache put` uploads /put/x.bin
-    commit(m.stub, wire_manifest("/put/x.bin", data))
+    commit(stub, wire_manifest("/put/x.bin", data))
 
-    async def body(stub: meta_pb2_grpc.MetaStub, nodes: list[PoolNode]) -> None:
-        progress = [p async for p in stub.Warmup(pb.WarmupRequest(paths=["/put/x.bin"]), timeout=60)]
-        assert progress[-1].done_bytes == len(data) and "failed" not in progress[-1].message
-        assert b"".join(sorted(c for n in nodes for c in n.chunks.values())) == b"".join(
-            sorted(data[i : i + 1000] for i in range(0, len(data), 1000))
-        )
-
-    asyncio.run(_with_nodes(m.address, [1 << 20, 1 << 20], body))
+    progress = list(stub.Warmup(pb.WarmupRequest(paths=["/put/x.bin"]), timeout=60))
+    assert progress[-1].done_bytes == len(data) and "failed" not in progress[-1].message
+    ids = [chunk_id(data[i : i + 1000]) for i in range(0, len(data), 1000)]
+    held = [n.chunk(i) for n in nodes for i in n.has(ids)]
+    assert sorted(held) == sorted(data[i : i + 1000] for i in range(0, len(data), 1000))
+    channel.close()

@@ -39,8 +39,15 @@ def test_up_serves_until_ctrl_c(tmp_path):
         first = proc.stdout.readline()
         assert "metadata service on" in first, proc.stderr.read() if proc.poll() is not None else first
         meta = first.split(" on ")[1].split()[0]
-        nodes = run_cli("nodes", meta=meta, check=True).stdout
+        export = next(line for line in proc.stdout if line.startswith("export "))
+        token_file = export.split("SDCACHE_TOKEN_FILE=")[1].split()[0]
+        assert os.stat(token_file).st_mode & 0o777 == 0o600
+        # Auth is on: the printed line is what a user needs, and without it nothing is served.
+        mine = {"SDCACHE_TOKEN": None, "SDCACHE_TOKEN_FILE": token_file}
+        nodes = run_cli("nodes", meta=meta, check=True, env=mine).stdout
         assert nodes.count("yes") == 2
+        refused = run_cli("nodes", meta=meta, env={"SDCACHE_TOKEN": None, "SDCACHE_TOKEN_FILE": None})
+        assert refused.returncode == 1 and "no token" in refused.stderr
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
     finally:
@@ -48,7 +55,7 @@ def test_up_serves_until_ctrl_c(tmp_path):
             proc.kill()
         shutil.rmtree(pool_root, ignore_errors=True)
     # Nothing left listening: the metadata service is gone.
-    assert run_cli("ls", "/", meta=meta).returncode != 0
+    assert run_cli("ls", "/", meta=meta, env=mine).returncode != 0
     assert not [cmd for cmd in _cmdlines() if f"--ready-file {tmp_path}" in cmd]
 
 

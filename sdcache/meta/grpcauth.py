@@ -3,7 +3,9 @@
 Server: :class:`AuthInterceptor` checks the ``authorization`` metadata of every
 call against :data:`sdcache.auth.METHOD_ROLES` before any handler runs; a
 handler never sees a token. A method missing from the table is refused
-(fail closed), except the standard health service.
+(fail closed), except the standard health service. A refused call's request
+is never decoded; an admitted one that is not a valid message is
+INVALID_ARGUMENT (not gRPC's UNKNOWN plus a logged traceback per call).
 
 Client: :func:`channel` / :func:`aio_channel` open a plain or TLS channel for
 :class:`~sdcache.tls.Credentials` whose interceptor adds the ``authorization``
@@ -31,7 +33,11 @@ MAX_MESSAGE = 64 << 20  # a listing page or a commit of a very large file
 
 
 def _deny(handler: grpc.RpcMethodHandler, exc: errors.SdcacheError) -> grpc.RpcMethodHandler:
-    """A handler of *handler*'s shape that only answers *exc*'s status."""
+    """A handler of *handler*'s shape that only answers *exc*'s status.
+
+    It never parses the request: bytes from a caller who is not let in are
+    not even decoded.
+    """
     code, details, trailer = convert.status_of(exc)
 
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -41,7 +47,7 @@ def _deny(handler: grpc.RpcMethodHandler, exc: errors.SdcacheError) -> grpc.RpcM
         await context.abort(code, details, trailing_metadata=trailer)
         yield  # pragma: no cover - abort raises
 
-    kw = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
+    kw = {"request_deserializer": None, "response_serializer": handler.response_serializer}
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(unary, **kw)
     if handler.unary_stream:
@@ -51,11 +57,47 @@ def _deny(handler: grpc.RpcMethodHandler, exc: errors.SdcacheError) -> grpc.RpcM
     return grpc.stream_stream_rpc_method_handler(stream, **kw)
 
 
+def _parsing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """*handler*, decoding its request itself: bytes that are no message are INVALID_ARGUMENT.
+
+    gRPC's own decoding would answer UNKNOWN ("Unexpected DecodeError") and
+    log a traceback for every such call. Streaming requests keep gRPC's.
+    """
+    parse = handler.request_deserializer
+    if parse is None or not (handler.unary_unary or handler.unary_stream):
+        return handler
+
+    async def request(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return parse(raw)
+        except Exception as exc:  # noqa: BLE001 - DecodeError, or whatever a parser raises
+            bad = errors.InvalidArgument(f"malformed request ({len(raw)} bytes): {type(exc).__name__}: {exc}")
+            code, details, trailer = convert.status_of(bad)
+            await context.abort(code, details, trailing_metadata=trailer)
+
+    kw = {"request_deserializer": None, "response_serializer": handler.response_serializer}
+    if handler.unary_unary:
+        behaviour = handler.unary_unary
+
+        async def unary(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+            return await behaviour(await request(raw, context), context)
+
+        return grpc.unary_unary_rpc_method_handler(unary, **kw)
+    streaming = handler.unary_stream
+
+    async def stream(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+        async for item in streaming(await request(raw, context), context):
+            yield item
+
+    return grpc.unary_stream_rpc_method_handler(stream, **kw)
+
+
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Refuses calls whose bearer token is missing, bad, or of too low a role."""
 
     def __init__(self, verifier: auth.TokenVerifier) -> None:
         self.verifier = verifier
+        self._parsing: dict[str, grpc.RpcMethodHandler] = {}  # method -> its handler under _parsing
 
     async def intercept_service(
         self,
@@ -79,7 +121,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         except errors.SdcacheError as exc:
             log.info("refused %s: %s", method, exc)
             return _deny(handler, exc)
-        return handler
+        wrapped = self._parsing.get(method)
+        if wrapped is None:
+            wrapped = self._parsing[method] = _parsing(handler)
+        return wrapped
 
 
 # --------------------------------------------------------------------------- clients
@@ -138,7 +183,14 @@ def _channel_credentials(tls: TlsFiles) -> grpc.ChannelCredentials:
                                         certificate_chain=tls.read("cert"))
 
 
-_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)]
+_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE),
+    ("grpc.max_send_message_length", MAX_MESSAGE),
+    # Reconnect within a second of a restarted service coming back (gRPC's default
+    # backoff grows to minutes; callers that wait for it would wait that long).
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
 
 
 def channel(address: str, creds: Credentials) -> grpc.Channel:

@@ -3,7 +3,7 @@
 Contract with the node (``node/``)::
 
     POST /warm   {"path": p, "ids": [...]}  (the node reads p's manifest for where the bytes are)
-              -> {"loaded": n, "bytes": b, "present": n, "failed": [{"id", "error"}], "no_space": n}
+              -> {"loaded": n, "bytes": b, "present": n, "failed": [{"id", "error", "message"}], "no_space": n}
     POST /has    {"ids": [...]}            -> {"present": [...]}
     POST /evict  {"path": p, "ids": [...]} -> {"chunks": n, "bytes": b}
 
@@ -43,6 +43,11 @@ class WarmReply:
     no_space: int = 0
 
 
+def _why(failure: dict[str, Any]) -> str:
+    """``"ErrorClass: message"`` of one failed chunk of a warm reply (the node sends both)."""
+    return ": ".join(str(failure[k]) for k in ("error", "message") if failure.get(k))
+
+
 class NodeClient:
     """Calls the node control endpoints over one pooled aiohttp session.
 
@@ -78,7 +83,7 @@ class NodeClient:
                 loaded=int(data.get("loaded", 0)),
                 bytes=int(data.get("bytes", 0)),
                 present=int(data.get("present", 0)),
-                failed={str(f["id"]): str(f.get("error", "")) for f in data.get("failed", ())},
+                failed={str(f["id"]): _why(f) for f in data.get("failed", ())},
                 no_space=int(data.get("no_space", 0)),
             )
         except (AttributeError, KeyError, TypeError, ValueError) as exc:

@@ -121,8 +121,8 @@ async def serve(
             log.warning("AUTH IS OFF (--insecure-no-auth): anyone who can reach %s can read, change and delete "
                         "everything, and register nodes", listen)
         written = await asyncio.to_thread(authority.bootstrap, data)
-        if written is not None:
-            log.info("wrote an admin token to %s (mode 0600); use it with --token-file %s or "
+        if written is not None:  # a warning: the operator must learn where the secret went
+            log.warning("wrote an admin token to %s (mode 0600); use it with --token-file %s or "
                      "SDCACHE_TOKEN_FILE=%s", written, written, written)
         client = NodeClient(authority.service_token if auth else None, tls_files)
         try:

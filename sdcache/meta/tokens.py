@@ -43,7 +43,7 @@ class TokenAuthority:
         path = Path(key_file) if key_file else data_dir / KEY_FILE
         key, created = auth.load_or_create_key(path)
         if created:
-            log.info("created token signing key %s (mode 0600)", path)
+            log.warning("created token signing key %s (mode 0600); keep it secret", path)
         return cls(store, key, enabled=enabled)
 
     def _revoked(self) -> dict[str, float]:
