@@ -2,8 +2,10 @@
 
 Compares, in one run and with the same client:
 
-* ``node``            a real ``sdcache node`` subprocess, chunks warm in its pool
-                      (each GET reads the tmpfs file, checks xxh3-128, sends
+* ``node``            a real ``sdcache node`` subprocess registered with a real
+                      metadata service (``LocalCluster``), the file committed by
+                      the importer and warmed by ``Warmup`` (each GET checks the
+                      bearer token, reads the tmpfs file, checks xxh3-128, sends
                       with a StreamResponse, headers sent on their own);
 * ``static-response`` a plain aiohttp server answering from bytes already in
                       memory with ``web.Response(body=bytes)``;
@@ -11,6 +13,8 @@ Compares, in one run and with the same client:
                       ceiling for the node: what is left is its read + verify).
 
 Run: ``python benchmarks/bench_node.py [--requests 150] [--clients 2] [--rounds 3]``.
+Every GET carries a read token and names the file (``?path=``), as the client
+does; the static servers check neither, so the node's figure includes its auth.
 The client (curl by default, else aiohttp) shares the CPUs with the servers, so
 wall-clock GiB/s moves with whatever else the machine runs; the server's own
 CPU seconds per GiB served (from /proc) is the steadier figure to compare.
@@ -34,7 +38,7 @@ import time
 import urllib.request
 
 CHUNK = 4 << 20
-NODE_CMD = [sys.executable, "-c", "import sys; from sdcache.node.server import _cli; sys.exit(_cli())"]
+BENCH_PATH = "/bench/model.bin"
 
 
 # --------------------------------------------------------------------------- the baseline server
@@ -88,12 +92,12 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _aiohttp_client(address: str, urls: list[str], q: mp.Queue) -> None:
+def _aiohttp_client(address: str, urls: list[str], headers: dict[str, str], q: mp.Queue) -> None:
     import aiohttp
 
     async def run() -> int:
         total = 0
-        async with aiohttp.ClientSession() as s:
+        async with aiohttp.ClientSession(headers=headers) as s:
             for u in urls:
                 async with s.get(f"http://{address}{u}") as r:
                     body = await r.read()
@@ -105,10 +109,11 @@ def _aiohttp_client(address: str, urls: list[str], q: mp.Queue) -> None:
 
 
 def _one_round(address: str, pid: int, ids: list[str], requests: int, clients: int, client: str,
-               tmp: str) -> tuple[float, float]:
+               tmp: str, token: str) -> tuple[float, float]:
     """*requests* GETs on each of *clients* keep-alive connections: (GiB/s, server CPU s per GiB)."""
     rnd = random.Random(requests * 7919 + clients)
-    lists = [[f"/chunks/{rnd.choice(ids)}" for _ in range(requests)] for _ in range(clients)]
+    lists = [[f"/chunks/{rnd.choice(ids)}?path={BENCH_PATH}" for _ in range(requests)] for _ in range(clients)]
+    headers = {"Authorization": f"Bearer {token}"}
     cpu0 = _cpu_seconds(pid)
     t0 = time.perf_counter()
     if client == "curl":
@@ -116,6 +121,7 @@ def _one_round(address: str, pid: int, ids: list[str], requests: int, clients: i
         for k, urls in enumerate(lists):
             cfg = os.path.join(tmp, f"curl{k}.cfg")
             with open(cfg, "w") as f:
+                f.write(f'header = "Authorization: Bearer {token}"\n')  # applies to every url below
                 for u in urls:
                     f.write(f'url = "http://{address}{u}"\noutput = "/dev/null"\n')
             procs.append(subprocess.Popen(["curl", "-sSf", "-K", cfg, "-w", "%{size_download}\\n"],
@@ -127,7 +133,7 @@ def _one_round(address: str, pid: int, ids: list[str], requests: int, clients: i
             total += sum(int(x) for x in out.split())
     else:
         q: mp.Queue = mp.Queue()
-        ps = [mp.Process(target=_aiohttp_client, args=(address, urls, q)) for urls in lists]
+        ps = [mp.Process(target=_aiohttp_client, args=(address, urls, headers, q)) for urls in lists]
         for p in ps:
             p.start()
         total = sum(q.get() for _ in ps)
@@ -173,36 +179,43 @@ def main() -> None:
         serve_static(args.serve_static, args.blob)
         return
 
-    from sdcache.hashing import chunk_id
+    from sdcache.client.importer import import_file
+    from sdcache.client.metaclient import MetaClient
+    from sdcache.cluster import LocalCluster
 
     work = tempfile.mkdtemp(prefix="sdcache-bench-")
     pool = tempfile.mkdtemp(prefix="sdcache-bench-pool-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
     procs: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
+    cluster = LocalCluster(os.path.join(work, "meta"), nodes=1, capacity=2 * args.chunks * CHUNK, pool_root=pool)
     try:
         blob = os.path.join(work, "model.bin")
-        data = os.urandom(args.chunks * CHUNK)
         with open(blob, "wb") as f:
-            f.write(data)
-        ids = [chunk_id(data[o:o + CHUNK]) for o in range(0, len(data), CHUNK)]
-        del data
-        procs["node (pool, verified)"] = _start(
-            [*NODE_CMD, "--meta", "none", "--capacity", str(2 * len(ids) * CHUNK), "--pool-dir", pool], "node")
-        node_addr = procs["node (pool, verified)"][1]
-        body = json.dumps({"path": "/bench/model.bin", "chunks": [
-            {"id": i, "src": blob, "off": k * CHUNK, "len": CHUNK} for k, i in enumerate(ids)]}).encode()
-        req = urllib.request.Request(f"http://{node_addr}/warm", data=body, headers={"Content-Type": "application/json"})
-        warm = json.loads(urllib.request.urlopen(req, timeout=300).read())
-        assert warm["loaded"] == len(ids), warm
+            f.write(os.urandom(args.chunks * CHUNK))
+        cluster.start()
+        meta = MetaClient(cluster.meta_addr, credentials=cluster.credentials)
+        manifest = import_file(meta, blob, BENCH_PATH).manifest
+        ids = [c.id for c in manifest.chunks]
+        assert len(ids) == args.chunks and all(c.length == CHUNK for c in manifest.chunks)
+        progress = list(meta.warmup([BENCH_PATH]))  # the service tells the node to load the file
+        assert progress and progress[-1].done_bytes == args.chunks * CHUNK, progress[-1:]
+        token = meta.create_token("read", name=f"bench-node-{os.getpid()}-{int(time.time())}").token
+        meta.close()
+        node = cluster.node_children[0]
+        assert node.proc is not None
+        procs["node (pool, verified)"] = (node.proc, node.address)
+        node_addr = node.address
         for mode in ("response", "stream"):
             procs[f"static-{mode}"] = _start([sys.executable, __file__, "--serve-static", mode, "--blob", blob], mode)
 
         results: dict[str, list[tuple[float, float]]] = {name: [] for name in procs}
         for name, (p, addr) in procs.items():  # warm-up: connections, page cache, allocator
-            _one_round(addr, p.pid, ids, 10, args.clients, args.client, work)
+            _one_round(addr, p.pid, ids, 10, args.clients, args.client, work, token)
         for _ in range(args.rounds):
             for name, (p, addr) in procs.items():
-                results[name].append(_one_round(addr, p.pid, ids, args.requests, args.clients, args.client, work))
-        st = json.loads(urllib.request.urlopen(f"http://{node_addr}/stats").read())
+                results[name].append(_one_round(addr, p.pid, ids, args.requests, args.clients, args.client,
+                                                work, token))
+        req = urllib.request.Request(f"http://{node_addr}/stats", headers={"Authorization": f"Bearer {token}"})
+        st = json.loads(urllib.request.urlopen(req, timeout=30).read())
 
         print(f"\nwarm 4 MiB chunk GETs over loopback: {args.chunks} distinct chunks, {args.clients} keep-alive "
               f"connections x {args.requests} GETs, {args.client} client, median of {args.rounds} interleaved "
@@ -215,10 +228,11 @@ def main() -> None:
         print(f"\nnode stats: hits {st['hits']}, misses {st['misses']}, under-store reads {st['understore_reads']}, "
               f"served {st['bytes_served'] / (1 << 30):.1f} GiB")
     finally:
-        for p, _ in procs.values():
-            if p.poll() is None:
+        for name, (p, _) in procs.items():
+            if name.startswith("static") and p.poll() is None:
                 p.terminate()
                 p.wait()
+        cluster.stop()
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(pool, ignore_errors=True)
 

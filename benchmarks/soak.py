@@ -351,11 +351,15 @@ def node_stats(cluster: Any) -> dict[str, int]:
 # --------------------------------------------------------------------------- the soak
 
 
-def pct(values: list[float], q: float) -> float:
+def pct(values: list[float], q: float) -> float | None:
     if not values:
-        return float("nan")
+        return None
     s = sorted(values)
     return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1e3
 
 
 def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -365,9 +369,9 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         "bytes": sum(r["bytes"] for r in records),
         "wrong_bytes": sum(r["wrong"] for r in records),
         "failed_reads": sum(1 for r in records if r["err"]),
-        "p50_ms": pct(lat, 0.50) * 1e3,
-        "p99_ms": pct(lat, 0.99) * 1e3,
-        "max_ms": max(lat, default=float("nan")) * 1e3,
+        "p50_ms": ms(pct(lat, 0.50)),
+        "p99_ms": ms(pct(lat, 0.99)),
+        "max_ms": ms(max(lat, default=None)),
     }
 
 
@@ -515,8 +519,9 @@ def format_report(report: dict[str, Any], argv: list[str]) -> str:
     o = report["options"]
     rows = []
     for name, g in report["groups"].items():
+        fmt = lambda v, d: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
         rows.append((name, str(g["reads"]), format_size(g["bytes"]), str(g["wrong_bytes"]), str(g["failed_reads"]),
-                     f"{g['p50_ms']:.1f}", f"{g['p99_ms']:.1f}", f"{g['max_ms']:.0f}"))
+                     fmt(g["p50_ms"], 1), fmt(g["p99_ms"], 1), fmt(g["max_ms"], 0)))
     title = (f"sdcache chaos soak — {time.strftime('%Y-%m-%d %H:%M')} — {machine()} — "
              f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n"
              f"{o['readers']} readers, {o['models']} models x {format_size(o['model_size'])} "

@@ -12,7 +12,7 @@ silently corrupts its heap. Everything here settles every future first.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, wait
+from concurrent.futures import FIRST_EXCEPTION, Future, wait
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -42,16 +42,25 @@ def settle(futures: Iterable[Future[Any]]) -> None:
 def wait_all(futures: Iterable[Future[T]]) -> list[T]:
     """The results of *futures*, in order.
 
-    On the first failure the futures not yet started are cancelled, the running
-    ones are waited for, and then that failure is raised: when this returns or
-    raises, nothing writes into the caller's memory any more.
+    As soon as one fails, the futures not yet started are cancelled, the running
+    ones are waited for, and then the failure is raised (the first in *futures*
+    order, if several failed): when this returns or raises, nothing writes into
+    the caller's memory any more.
     """
     futures = list(futures)
     try:
-        return [f.result() for f in futures]
-    except BaseException:
+        wait(futures, return_when=FIRST_EXCEPTION)
+    except BaseException:  # interrupted while waiting
         settle(futures)
         raise
+    if any(_failed(f) for f in futures):
+        settle(futures)
+        next(f for f in futures if _failed(f)).result()  # raises its error
+    return [f.result() for f in futures]
+
+
+def _failed(f: Future[Any]) -> bool:
+    return f.done() and not f.cancelled() and f.exception() is not None
 
 
 @contextmanager

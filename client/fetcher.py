@@ -17,10 +17,12 @@ buffers (``memoryview`` slices), so a whole-file read makes no copies.
 
 from __future__ import annotations
 
+import email.utils
 import http.client
 import json
 import logging
 import os
+import random
 import threading
 import time
 from collections import Counter
@@ -42,9 +44,42 @@ from .underfs import read_range
 log = logging.getLogger(__name__)
 
 SUSPECT_SECONDS = 5.0  # a node that failed is tried last for this long
+# A node at its in-flight bound answers 503 Overloaded with Retry-After. It is
+# not broken: it is tried last only for its Retry-After (at most BUSY_MAX), and
+# when every node that answered was busy the fetch sleeps, BUSY_FIRST_SLEEP
+# doubling up to BUSY_MAX, for BUSY_ROUNDS rounds before reading the
+# under-store (1.55 s in all).
+BUSY_MAX = 1.0
+BUSY_DEFAULT = 0.1  # when the answer has no (usable) Retry-After
+BUSY_FIRST_SLEEP = 0.05
+BUSY_ROUNDS = 5
 # Parallel chunk fetches per client. Measured on 2 cores: 8 threads beat 16 (GIL
 # contention); more cores or longer network paths want more.
 DEFAULT_THREADS = min(32, 4 * (os.cpu_count() or 2))
+
+
+def retry_after_seconds(value: str | None) -> float:
+    """A ``Retry-After`` header (delta seconds or an HTTP date) in seconds, within [0, BUSY_MAX]."""
+    if not value:
+        return BUSY_DEFAULT
+    try:
+        secs = float(value)
+    except ValueError:
+        try:
+            secs = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return BUSY_DEFAULT
+    if secs != secs:  # NaN
+        return BUSY_DEFAULT
+    return min(max(secs, 0.0), BUSY_MAX)
+
+
+class NodeBusy(errors.Overloaded):
+    """A node's ``Overloaded`` answer and how long it asked us to stay away (capped)."""
+
+    def __init__(self, message: str = "", retry_after: float = BUSY_DEFAULT) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class Fetcher:
@@ -94,30 +129,53 @@ class Fetcher:
         with self._lock:
             self._suspect[node.node_id] = time.monotonic() + SUSPECT_SECONDS
 
+    def _mark_busy(self, node: NodeInfo, retry_after: float) -> None:
+        """Try *node* last for *retry_after* seconds (never shortening a longer suspicion)."""
+        log.debug("node %s (%s) is busy, trying the next for %.2fs", node.node_id, node.address, retry_after)
+        until = time.monotonic() + min(max(retry_after, 0.0), BUSY_MAX)
+        with self._lock:
+            self._suspect[node.node_id] = max(self._suspect.get(node.node_id, 0.0), until)
+
     def fetch_into(self, m: Manifest, index: int, out: memoryview) -> str:
         """Fill *out* (exactly the chunk's length) with chunk *index* of *m*, verified.
 
-        Returns the tier that served it: ``local``, ``node`` or ``under``.
+        A node answering ``Overloaded`` is passed over for the next at once and
+        asked again after its ``Retry-After``; only when every node that answered
+        was busy does the fetch back off and retry (see ``BUSY_*``) before the
+        under-store. Returns the tier that served it: ``local``, ``node`` or ``under``.
         """
         ref = m.chunks[index]
         if len(out) != ref.length:
             raise ValueError("buffer length does not match the chunk")
-        for node in self._order(ref.id):
-            try:
-                if self.short_circuit and node.host_id == self.host and node.pool_dir:
-                    if self._read_local(node, ref.id, out):
-                        self.tiers["local"] += 1
-                        return "local"
-                self._read_http(node, m, index, out)
-            except errors.StaleSource:
-                raise
-            except (OSError, http.client.HTTPException, errors.SdcacheError) as exc:
-                self._mark_suspect(node, exc)
-                continue
-            if xxhash.xxh3_128_hexdigest(out) == ref.id:
-                self.tiers["node"] += 1
-                return "node"
-            self._mark_suspect(node, f"chunk {ref.id} failed its hash")
+        sleep = BUSY_FIRST_SLEEP
+        for round_ in range(BUSY_ROUNDS + 1):
+            busy = False
+            for node in self._order(ref.id):
+                try:
+                    if self.short_circuit and node.host_id == self.host and node.pool_dir:
+                        if self._read_local(node, ref.id, out):
+                            self.tiers["local"] += 1
+                            return "local"
+                    self._read_http(node, m, index, out)
+                except errors.StaleSource:
+                    raise
+                except errors.Overloaded as exc:  # alive, at its bound: the next node now, this one soon
+                    busy = True
+                    self._mark_busy(node, exc.retry_after if isinstance(exc, NodeBusy) else BUSY_DEFAULT)
+                    continue
+                except (OSError, http.client.HTTPException, errors.SdcacheError) as exc:
+                    self._mark_suspect(node, exc)
+                    continue
+                if xxhash.xxh3_128_hexdigest(out) == ref.id:
+                    self.tiers["node"] += 1
+                    return "node"
+                self._mark_suspect(node, f"chunk {ref.id} failed its hash")
+            if not busy or round_ == BUSY_ROUNDS:
+                break
+            # Every node that answered is busy: back off (jittered, so the threads of many clients do
+            # not come back together) rather than move the load onto the under-store at once.
+            time.sleep(random.uniform(sleep / 2, sleep))
+            sleep = min(sleep * 2, BUSY_MAX)
         self._read_under(m, index, out)
         self.tiers["under"] += 1
         return "under"
@@ -179,8 +237,10 @@ class Fetcher:
                 try:
                     doc = json.loads(body)
                     err = errors.from_wire(doc.get("error"), doc.get("message", ""))
-                except ValueError:
+                except (ValueError, AttributeError):
                     err = errors.SdcacheError(f"node {node.address} answered HTTP {resp.status}")
+                if isinstance(err, errors.Overloaded):
+                    err = NodeBusy(err.message, retry_after_seconds(resp.getheader("Retry-After")))
                 raise err
             if resp.getheader("Content-Length") != str(ref.length):
                 raise errors.CorruptChunk(f"node {node.address} sent a chunk of the wrong length")

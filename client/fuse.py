@@ -144,14 +144,21 @@ def _fusermount() -> str:
     raise errors.Unavailable("fusermount3 not found (install fuse3)")
 
 
+# fusermount3 reports a failed system call as "...: strerror(errno)", its only channel for the errno.
+# Run in the C locale, that text maps back to the errno exactly (Python's own strerror is the C one).
+_ERRNO_OF_STRERROR = {os.strerror(code): code for code in errno.errorcode}
+
+
 def _unmount(mountpoint: str, *, lazy: bool) -> None:
     cmd = [_fusermount(), "-u", *(["-z"] if lazy else []), mountpoint]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30, env={**os.environ, "LC_ALL": "C"})
     if proc.returncode != 0:
         why = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1].rsplit(": ", 1)[-1]
-        if "busy" in why.lower():
+        code = _ERRNO_OF_STRERROR.get(why)
+        if code == errno.EBUSY:
             why += " (files are open: close them, or use --lazy)"
-        raise errors.SdcacheError(f"cannot unmount {mountpoint}: {why}")
+        message = f"cannot unmount {mountpoint}: {why}"
+        raise errors.from_errno(code, message) if code else errors.SdcacheError(message)
 
 
 def _clear_stale(mountpoint: str) -> bool:

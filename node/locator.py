@@ -73,6 +73,15 @@ class SourceLocator:
         self._inflight: dict[str, asyncio.Future[_Cached]] = {}
         self.lookups = 0  # manifest RPCs made
 
+    def known(self, path: str, chunk_id: str) -> bool:
+        """Whether a manifest of *path* seen here holds *chunk_id* (no RPC; age does not matter).
+
+        The pool credits a hit to a file only then, so a caller naming any
+        path cannot grow the pool's file index or steer its eviction.
+        """
+        entry = self._cache.get(path)
+        return entry is not None and chunk_id in entry.ranges
+
     async def locate(self, path: str, chunk_id: str) -> SourceRange:
         """The range of *chunk_id* in *path*'s committed manifest."""
         if self._get is None:

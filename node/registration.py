@@ -76,7 +76,14 @@ class Registration:
             node = self._node()
             try:
                 resp = await stub.RegisterNode(node, timeout=RPC_TIMEOUT)
-                break
+                self.auth_generation = None  # the service may have restarted with other keys
+                if await self._sync_auth(stub, resp.auth_generation):
+                    break
+                # Registered, but without the token keys this node can check no
+                # request: register again after the same capped backoff.
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX)
+                continue
             except grpc.aio.AioRpcError as e:
                 if e.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
                     log.error("metadata service %s refused this node: %s (give it a node token: "
@@ -92,10 +99,6 @@ class Registration:
         self.registrations += 1
         self.heartbeat_interval = resp.heartbeat_interval if resp.heartbeat_interval > 0 else DEFAULT_HEARTBEAT
         self.store_url = resp.store_url
-        self.auth_generation = None  # the service may have restarted with other keys
-        if not await self._sync_auth(stub, resp.auth_generation):
-            await asyncio.sleep(BACKOFF_START)
-            return await self._register(stub)
         log.info(
             "registered node %s (%s) with metadata service %s; heartbeat every %.1fs",
             node.node_id, node.address, self.meta, self.heartbeat_interval,

@@ -180,7 +180,8 @@ class ChunkService:
 
     async def get(self, chunk_id: str, path: str | None) -> tuple[bytes, bool]:
         """(bytes, hit): from the pool if it holds a good copy, else read through from *path*'s manifest."""
-        data = await self.read_pool(chunk_id, path)
+        credited = path if path is not None and self.locator.known(path, chunk_id) else None
+        data = await self.read_pool(chunk_id, credited)
         if data is not None:
             return data, True
         if path is None:

@@ -50,7 +50,8 @@ marked = os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-M
 sys.exit(0 if marked and not in_venv else 1)
 EOF
 then
-    if "$PY" -c 'import sys, pip; sys.exit(tuple(map(int, pip.__version__.split(".")[:3])) < (23, 0, 1))' 2>/dev/null; then
+    if "$PY" -c 'import sys, pip; sys.exit(tuple(map(int, pip.__version__.split(".")[:3])) < (23, 0, 1))' \
+        2>/dev/null; then
         pip+=(--break-system-packages)
     else
         export PIP_BREAK_SYSTEM_PACKAGES=1  # a pip without the option (or with a version we cannot parse)

@@ -422,11 +422,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_SERVER_COMMANDS = frozenset({"meta", "node", "up", "serve", "gateway"})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    # gRPC's C core logs at INFO unless told otherwise (a failed TLS handshake adds an "I1201 ...
-    # ssl_transport_security.cc" line to our one-line error). Read once, when grpc is first
+    # gRPC's C core logs at INFO unless told otherwise: a failed TLS handshake adds an "I1201 ...
+    # ssl_transport_security.cc" line to a client command's one-line error. Servers keep it (their
+    # log's only word on why a client's handshake was refused). Read once, when grpc is first
     # imported: before build_parser() imports the servers. GRPC_VERBOSITY=INFO brings it back.
-    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    words = sys.argv[1:] if argv is None else list(argv)
+    if not _SERVER_COMMANDS.intersection(words):
+        os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)

@@ -135,6 +135,14 @@ class ReadOnly(SdcacheError, PermissionError):
     http_status = 403
 
 
+class Busy(SdcacheError, OSError):
+    """Still in use: a mount with open files (unmount it lazily, or close them)."""
+
+    errno = _errno.EBUSY
+    grpc_code = "FAILED_PRECONDITION"
+    http_status = 409
+
+
 #: Every concrete error class, in the order used to translate codes back.
 ERRORS: tuple[type[SdcacheError], ...] = (
     NotFound,
@@ -151,6 +159,7 @@ ERRORS: tuple[type[SdcacheError], ...] = (
     PermissionDenied,
     ReadOnly,
     Overloaded,
+    Busy,
 )
 
 _BY_NAME = {cls.__name__: cls for cls in ERRORS}
@@ -170,3 +179,17 @@ def from_wire(name: str | None, message: str, *, grpc_code: str | None = None) -
             if cls.grpc_code == grpc_code:
                 return cls(message)
     return SdcacheError(message)
+
+
+def from_errno(code: int, message: str) -> SdcacheError:
+    """The error for an errno a system call or tool reported: the class that alone carries it, else generic.
+
+    Several classes share ``EIO`` and ``EACCES``; for those (and errnos no class
+    carries) the result is a plain :class:`SdcacheError` with ``errno`` set to *code*.
+    """
+    matches = [cls for cls in ERRORS if cls.errno == code]
+    if len(matches) == 1:
+        return matches[0](message)
+    err = SdcacheError(message)
+    err.errno = code
+    return err

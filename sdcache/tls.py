@@ -1,12 +1,20 @@
 """TLS settings shared by every process: ``--tls-cert``, ``--tls-key``, ``--tls-ca``.
 
 One :class:`TlsFiles` per process serves both directions: a server presents
-*cert*/*key* and, given *ca*, requires and verifies client certificates
-(mutual TLS); a client verifies servers against *ca* and presents
-*cert*/*key* when it has them. Clients without flags read
-``$SDCACHE_TLS_CA``, ``$SDCACHE_TLS_CERT`` and ``$SDCACHE_TLS_KEY``.
-With TLS on, nodes are reached over ``https://`` and the metadata service over
-a secure gRPC channel; a fleet runs TLS everywhere or nowhere.
+*cert*/*key* and, with ``--tls-require-client-cert``, requires client
+certificates signed by *ca* (mutual TLS); a client verifies servers against
+*ca* and presents *cert*/*key* when it has them. Clients without flags read
+``$SDCACHE_TLS_CA``, ``$SDCACHE_TLS_CERT`` and ``$SDCACHE_TLS_KEY``; servers
+take only their flags. With TLS on, nodes are reached over ``https://`` and
+the metadata service over a secure gRPC channel; a fleet runs TLS everywhere
+or nowhere.
+
+A server certificate must name the address its peers dial (SAN IP or DNS:
+``--listen``/``--advertise`` of a node, the ``--meta`` clients use). Servers
+call each other (node -> metadata service, metadata service -> node) with
+their own certificate, so under mutual TLS it must also allow client use:
+extendedKeyUsage ``clientAuth`` as well as ``serverAuth`` (or none at all);
+a serverAuth-only certificate is refused as "unsupported certificate purpose".
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 :func:`make_pki` writes a CA, a server certificate for ``127.0.0.1`` and
 ``localhost`` (what a one-host cluster listens on and advertises) and a client
-certificate, all signed by the CA, as PEM files in one directory.
+certificate, all signed by the CA, as PEM files in one directory; plus a
+server certificate for another host, to show that clients check names.
 """
 
 from __future__ import annotations
@@ -20,13 +21,15 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 @dataclass(frozen=True)
 class Pki:
-    """PEM paths: the CA, a server pair and a client pair it signed."""
+    """PEM paths: the CA, and the pairs it signed."""
 
     ca: str
-    server_cert: str
+    server_cert: str  # 127.0.0.1 and localhost
     server_key: str
     client_cert: str
     client_key: str
+    elsewhere_cert: str  # a server certificate for elsewhere.invalid only
+    elsewhere_key: str
 
 
 def _name(cn: str) -> x509.Name:
@@ -95,10 +98,15 @@ def make_pki(directory: str | os.PathLike[str], name: str = "sdcache test CA") -
         usages=[ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
     client_cert, client_key = _issue(ca_key, ca.subject, "sdcache client", san=None,
                                      usages=[ExtendedKeyUsageOID.CLIENT_AUTH])
+    elsewhere_cert, elsewhere_key = _issue(
+        ca_key, ca.subject, "elsewhere.invalid", san=[x509.DNSName("elsewhere.invalid")],
+        usages=[ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
     return Pki(
         ca=_write(os.path.join(d, "ca.pem"), ca.public_bytes(serialization.Encoding.PEM)),
         server_cert=_write(os.path.join(d, "server.pem"), server_cert),
         server_key=_write(os.path.join(d, "server.key"), server_key),
         client_cert=_write(os.path.join(d, "client.pem"), client_cert),
         client_key=_write(os.path.join(d, "client.key"), client_key),
+        elsewhere_cert=_write(os.path.join(d, "elsewhere.pem"), elsewhere_cert),
+        elsewhere_key=_write(os.path.join(d, "elsewhere.key"), elsewhere_key),
     )

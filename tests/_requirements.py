@@ -110,7 +110,7 @@ def _probe_fuse() -> Missing | None:
             return Missing("a test FUSE mount did not finish within 60 s")
         if proc.returncode != 0:
             detail = " ".join(proc.stderr.split())[-300:] or f"exit status {proc.returncode}"
-            return Missing(f"a FUSE mount is not permitted here: {detail} (a container needs "
+            return Missing(f"a test FUSE mount failed: {detail} (a container needs "
                            "--device /dev/fuse --cap-add SYS_ADMIN, or --privileged)")
         return None
     finally:
@@ -230,9 +230,9 @@ def skip_reason(name: str) -> str | None:
     req = REQUIREMENTS[name]
     if name in required() and not miss.hardware:
         why = f"{ENV} lists it" if name in _listed()[0] else "this runs as root with /dev/fuse"
-        pytest.fail(f"required {name!r} ({req.what}) is missing: {miss.reason}. "
+        pytest.fail(f"required {name!r} ({req.what}) is missing: {miss.reason.rstrip('.')}. "
                     f"It is required because {why}. Install: {req.install}", pytrace=False)
-    return f"{name}: {miss.reason}"
+    return f"{name}: {miss.reason.splitlines()[0][:300]}"  # one line in the short summary (a build log is long)
 
 
 def require(*names: str) -> None:

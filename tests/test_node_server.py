@@ -434,6 +434,26 @@ def test_real_chunk_of_another_file_is_404_and_nothing_is_read(nodes, meta, ns, 
     assert node.read(a, 0)[2] == a.bytes(0)
 
 
+def test_hit_named_with_a_foreign_path_does_not_claim_the_chunk(nodes, meta, ns, tmp_path):
+    """A pool hit is served whatever path a reader names, but only a path whose manifest holds the
+    chunk is credited with it: readers cannot grow the pool's file index or keep a chunk from an
+    admin's evict by naming other paths."""
+    f = meta.commit(f"{ns}/m.bin", randbytes(64 * KB, 12), tmp_path / "m.bin")
+    node = nodes()
+    assert node.read(f, 0)[0] == 200
+    files = node.stats()["files"]
+    conn = node.connection()
+    try:
+        for i in range(200):
+            status, headers, _ = node.request("GET", f"/chunks/{f.id(0)}?path={ns}/bogus/{i}", conn=conn)
+            assert (status, headers["X-Sdcache-Hit"]) == (200, "1")
+    finally:
+        conn.close()
+    assert node.stats()["files"] == files
+    assert node.post("/evict", {"path": f.path}) == {"chunks": 1, "bytes": f.size(0)}
+    assert node.head(f.id(0)) == 404
+
+
 # --------------------------------------------------------------------------- tokens
 
 
@@ -794,8 +814,9 @@ def test_registers_heartbeats_and_registers_again_when_forgotten(nodes, own_meta
     own_meta.forget_everything()  # the metadata service lost its registry (and namespace)
     reg = wait_for(lambda: own_meta.node("test-node"), "the node to register again")
     assert reg.address == node.address and reg.chunks == 1
-    st = node.stats()
-    assert st["registered"] is True and st["chunks"] == 1
+    # the service lists it once RegisterNode is done; the node says so once it has the keys too
+    st = wait_for(lambda: (lambda s: s["registered"] and s)(node.stats()), "the node to report it is registered")
+    assert st["chunks"] == 1
     assert node.get(f.id(0))[1]["X-Sdcache-Hit"] == "1"  # the pool survived, tokens still good
 
 
@@ -813,7 +834,7 @@ def test_node_waits_for_metadata_service_to_come_up(nodes, tmp_path, ns):
     try:
         wait_for(lambda: late.node("test-node"), "registration once the service is up")
         wait_for(lambda: node.request("GET", "/stats")[0] == 200, "the node to load the token keys")
-        assert node.stats()["registered"] is True
+        wait_for(lambda: node.stats()["registered"], "the node to report it is registered")
         f = late.commit(f"{ns}/m.bin", randbytes(64 * KB, 61), tmp_path / "m.bin")
         assert node.read(f, 0)[2] == f.bytes(0)
     finally:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 import pytest
 
@@ -19,7 +20,7 @@ _SOAK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _soak_module():
     spec = importlib.util.spec_from_file_location("sdcache_bench_soak", _SOAK)
     assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look it up there
     spec.loader.exec_module(module)
     return module
 

@@ -6,6 +6,7 @@ Every test runs against each implementation in ``STORES``; a new backend
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator
@@ -16,8 +17,10 @@ import pytest
 from sdcache import errors
 from sdcache.chunking import CHUNK_SIZE, ChunkRef
 from sdcache.hashing import chunk_id
-from sdcache.manifest import Manifest
-from sdcache.store import MAX_PAGE_SIZE, MetaStore, NodeRecord, SqliteStore
+from sdcache.manifest import Manifest, pack_chunks
+from sdcache.store import MAX_PAGE_SIZE, MetaStore, NodeRecord, SqliteStore, StoreStats
+from sdcache.store.base import TokenRecord
+from sdcache.store.sqlite import SCHEMA_VERSION
 
 StoreFactory = Callable[[], MetaStore]
 
@@ -292,6 +295,157 @@ def test_node_registry(store: MetaStore) -> None:
     # a node restarted under a new id at the same address replaces the old entry
     store.register_node(NodeRecord("n1b", "10.0.0.1:7071", 4 << 30, last_seen=110.0))
     assert [n.node_id for n in store.list_nodes()] == ["n1b", "n2"]
+
+
+# -- tokens ------------------------------------------------------------------
+
+
+def test_tokens_are_recorded_listed_and_revoked(open_store: StoreFactory) -> None:
+    store = open_store()
+    g0 = store.auth_generation()
+    assert store.list_tokens() == []
+    store.add_token(TokenRecord("writer", "admin", 100.0))
+    store.add_token(TokenRecord("reader", "read", 101.0, expires=200.0))
+    with pytest.raises(errors.AlreadyExists):
+        store.add_token(TokenRecord("reader", "node", 102.0))  # a name is issued once
+    assert store.list_tokens() == [TokenRecord("reader", "read", 101.0, 200.0, 0.0),
+                                   TokenRecord("writer", "admin", 100.0, 0.0, 0.0)]  # by name
+    assert store.auth_generation() == g0  # issuing revokes nothing
+
+    assert store.revoke_token("reader", 150.0) == TokenRecord("reader", "read", 101.0, 200.0, 150.0)
+    g1 = store.auth_generation()
+    assert g1 > g0
+    assert store.revoke_token("reader", 160.0).revoked == 150.0  # the first revocation stands
+    assert store.auth_generation() == g1
+    ghost = store.revoke_token("minted-elsewhere", 170.0)  # signed with the shared key, never recorded
+    assert (ghost.name, ghost.revoked) == ("minted-elsewhere", 170.0)
+    g2 = store.auth_generation()
+    assert g2 > g1
+    with pytest.raises(errors.AlreadyExists):
+        store.add_token(TokenRecord("minted-elsewhere", "read", 180.0))  # a revoked name is never reused
+    assert [(t.name, t.revoked) for t in store.list_tokens()] == [
+        ("minted-elsewhere", 170.0), ("reader", 150.0), ("writer", 0.0)]
+
+    store.close()
+    again = open_store()
+    assert again.auth_generation() == g2
+    assert [(t.name, t.role, t.revoked) for t in again.list_tokens()] == [
+        ("minted-elsewhere", "", 170.0), ("reader", "read", 150.0), ("writer", "admin", 0.0)]
+
+
+def test_concurrent_revocations_each_bump_the_auth_generation(store: MetaStore) -> None:
+    for i in range(8):
+        store.add_token(TokenRecord(f"t{i}", "read", 1.0))
+    g0 = store.auth_generation()
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: store.revoke_token(f"t{i % 8}", 2.0), range(16)))  # each name twice
+    assert store.auth_generation() == g0 + 8
+    assert all(t.revoked == 2.0 for t in store.list_tokens())
+
+
+# -- schema versions (SQLite) ---------------------------------------------------
+
+#: ``_SCHEMA`` of sdcache/store/sqlite.py at schema version 1 (before tokens),
+#: frozen here so the migration stays tested however the current schema moves.
+SCHEMA_V1 = """
+CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+INSERT INTO counters VALUES ('generation', 0), ('pins_generation', 0);
+CREATE TABLE files (
+    path TEXT PRIMARY KEY,
+    parent TEXT NOT NULL,
+    name TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    mtime REAL NOT NULL,
+    source TEXT NOT NULL,
+    version_tag TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    base TEXT NOT NULL,
+    metadata TEXT NOT NULL,
+    generation INTEGER NOT NULL,
+    chunk_count INTEGER NOT NULL,
+    chunks BLOB NOT NULL
+);
+-- covers the listing columns, so a page is one index range scan
+CREATE INDEX files_by_parent ON files (parent, name, path, size, mtime, kind, sha256, generation, chunk_count);
+CREATE TABLE dirs (
+    path TEXT PRIMARY KEY,
+    parent TEXT,
+    name TEXT NOT NULL,
+    files INTEGER NOT NULL,
+    bytes INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX dirs_by_parent ON dirs (parent, name, bytes);
+INSERT INTO dirs VALUES ('/', NULL, '', 0, 0);
+CREATE TABLE chunks (id BLOB PRIMARY KEY, length INTEGER NOT NULL, refs INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE pins (path TEXT PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE nodes (
+    node_id TEXT PRIMARY KEY,
+    address TEXT NOT NULL,
+    capacity INTEGER NOT NULL,
+    role TEXT NOT NULL,
+    host_id TEXT NOT NULL,
+    pool_dir TEXT NOT NULL,
+    used INTEGER NOT NULL,
+    chunks INTEGER NOT NULL,
+    last_seen REAL NOT NULL
+);
+"""
+
+
+def _user_version(db: Path) -> int:
+    with sqlite3.connect(db) as conn:
+        return conn.execute("PRAGMA user_version").fetchone()[0]
+
+
+def test_sqlite_migrates_a_version_1_database(tmp_path: Path) -> None:
+    db = tmp_path / "v1.db"
+    cid = chunk_id(b"old")
+    conn = sqlite3.connect(db)
+    conn.executescript(SCHEMA_V1)
+    # one pinned file /old/f.bin at generation 7 and one node, as version 1 kept them
+    conn.execute("UPDATE counters SET value = 7 WHERE name = 'generation'")
+    conn.execute("UPDATE counters SET value = 3 WHERE name = 'pins_generation'")
+    conn.execute("INSERT INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 ("/old/f.bin", "/old", "f.bin", 10, 1.5, "file:///src/f.bin", "1.5:10", "ab" * 32, "lora", "sd1",
+                  '{"k": "v"}', 7, 1, pack_chunks([ChunkRef(0, 10, cid)])))
+    conn.execute("UPDATE dirs SET files = 1, bytes = 10 WHERE path = '/'")
+    conn.execute("INSERT INTO dirs VALUES ('/old', '/', 'old', 1, 10)")
+    conn.execute("INSERT INTO chunks VALUES (?, 10, 1)", (bytes.fromhex(cid),))
+    conn.execute("INSERT INTO pins VALUES ('/old/f.bin')")
+    conn.execute("INSERT INTO nodes VALUES ('n', 'h:1', 10, 'memory', '', '', 0, 0, 1.0)")
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+
+    store = SqliteStore(db)
+    m = store.get_manifest("/old/f.bin")
+    assert (m.size, m.generation, m.chunks, m.metadata, m.base) == (10, 7, [ChunkRef(0, 10, cid)], {"k": "v"}, "sd1")
+    assert [e.path for e in store.list_dir("/")[0]] == ["/old"]
+    assert store.stats() == StoreStats(files=1, bytes=10, unique_chunks=1, unique_bytes=10, pinned_files=1)
+    assert store.pinned_chunks() == (3, bytes.fromhex(cid))
+    assert [n.node_id for n in store.list_nodes()] == ["n"]
+    assert store.list_tokens() == [] and store.auth_generation() == 0  # the new tables, empty
+    store.add_token(TokenRecord("admin", "admin", 5.0))
+    store.revoke_token("admin", 6.0)
+    assert store.auth_generation() == 1
+    assert store.commit(manifest("/new")) == 8  # the generation counter carried over
+    store.close()
+    assert _user_version(db) == SCHEMA_VERSION == 2
+
+    again = SqliteStore(db)  # migrated once: opening again changes nothing
+    assert again.auth_generation() == 1 and [t.name for t in again.list_tokens()] == ["admin"]
+    assert again.stat("/old/f.bin").generation == 7 and again.stats().files == 2
+    again.close()
+
+
+def test_sqlite_refuses_a_newer_schema(tmp_path: Path) -> None:
+    db = tmp_path / "future.db"
+    SqliteStore(db).close()
+    with sqlite3.connect(db) as conn:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(errors.SdcacheError, match=f"schema version {SCHEMA_VERSION + 1}"):
+        SqliteStore(db)
 
 
 # -- durability and concurrency ---------------------------------------------

@@ -61,7 +61,10 @@ def _parsing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     """*handler*, decoding its request itself: bytes that are no message are INVALID_ARGUMENT.
 
     gRPC's own decoding would answer UNKNOWN ("Unexpected DecodeError") and
-    log a traceback for every such call. Streaming requests keep gRPC's.
+    log a traceback for every such call. Handlers are asyncio ones (a
+    coroutine, or an async generator for a response stream), as
+    :class:`~sdcache.meta.servicer.MetaServicer`'s are; streaming requests
+    keep gRPC's decoding.
     """
     parse = handler.request_deserializer
     if parse is None or not (handler.unary_unary or handler.unary_stream):

@@ -222,8 +222,10 @@ class MetaServicer(meta_pb2_grpc.MetaServicer):
     def _parse_pins_token(token: str) -> tuple[int, int]:
         """``"<pins generation>:<index of the page's first id>"`` to its two numbers."""
         generation, sep, index = token.partition(":")
-        if not (sep and generation.isdigit() and index.isdigit()):
-            raise errors.InvalidArgument(f"not a PinnedChunks page token: {token!r}")
+        # ASCII digits only, and short: str.isdigit() takes "²", which int() refuses, and int()
+        # refuses over 4,300 digits; either would leave as INTERNAL instead of INVALID_ARGUMENT.
+        if not (sep and len(token) <= 64 and token.isascii() and generation.isdigit() and index.isdigit()):
+            raise errors.InvalidArgument(f"not a PinnedChunks page token: {token[:80]!r}")
         return int(generation), int(index)
 
     async def _pinned_snapshot(self) -> tuple[int, bytes]:

@@ -80,6 +80,11 @@ class TokenAuthority:
         """Revoke every token named *name*; effective here at once (blocking)."""
         if not name or len(name) > 64:
             raise InvalidArgument("revoke needs a token name")
+        if name == auth.SERVICE_NAME:
+            # Revoking it would make every node refuse this service's warm-up and
+            # eviction calls until the service re-mints its token (up to an hour).
+            raise InvalidArgument(f"{name!r} is the metadata service's own token for its calls to nodes and "
+                                  "cannot be revoked; a new --token-key retires every token")
         record = self.store.revoke_token(name, float(int(time.time())))
         self.reload()
         log.info("revoked token %r", name)

@@ -228,7 +228,11 @@ class SqliteStore(MetaStore):
             if version != SCHEMA_VERSION:
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
-        self._write(work)
+        try:
+            self._write(work)
+        except BaseException:
+            self.close()  # a database this sdcache cannot use keeps no connection open
+            raise
 
     # -- connections and transactions ---------------------------------------
 
