@@ -7,12 +7,15 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
 from sdcache import auth
 from sdcache.cluster import LocalCluster
+from sdcache.pool_layout import chunk_path
 
 from . import _requirements as requirements
 
@@ -41,6 +44,18 @@ def mint_token(role: str, name: str, ttl: float = 0) -> str:
     return auth.mint(_key, name, role, ttl=ttl)
 
 
+def wait_for(cond: Callable[[], Any], what: str, timeout: float = 30.0, step: float = 0.01) -> Any:
+    """What *cond* returns once it is true (checked every *step* seconds); fails naming *what* after *timeout*."""
+    end = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(step)
+
+
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[str]:
     """A real S3-compatible server (moto in server mode) on a free port."""
@@ -61,9 +76,10 @@ def s3_server() -> Iterator[str]:
             os.environ[k] = v
 
 
-def _make_cluster(tmp: str, nodes: int, capacity: int, env: dict[str, str] | None = None) -> LocalCluster:
+def _make_cluster(tmp: str, nodes: int, capacity: int, env: dict[str, str] | None = None,
+                  heartbeat: float = 0.3) -> LocalCluster:
     pool_root = tempfile.mkdtemp(prefix="sdcache-test-pool-", dir="/dev/shm")
-    return LocalCluster(os.path.join(tmp, "meta"), nodes=nodes, capacity=capacity, heartbeat_interval=0.3,
+    return LocalCluster(os.path.join(tmp, "meta"), nodes=nodes, capacity=capacity, heartbeat_interval=heartbeat,
                         pool_root=pool_root, env=env or {}, token_key=TOKEN_KEY)
 
 
@@ -79,11 +95,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, s3_server: str) -> Iterato
 
 @pytest.fixture
 def make_cluster(tmp_path: object) -> Iterator[object]:
-    """Factory for private clusters with a chosen node count and capacity."""
+    """Factory for private clusters with a chosen node count, capacity and heartbeat (seconds)."""
     made: list[LocalCluster] = []
 
-    def make(nodes: int = 2, capacity: int = 1 << 30) -> LocalCluster:
-        c = _make_cluster(os.path.join(str(tmp_path), f"c{len(made)}"), nodes, capacity)
+    def make(nodes: int = 2, capacity: int = 1 << 30, heartbeat: float = 0.3) -> LocalCluster:
+        c = _make_cluster(os.path.join(str(tmp_path), f"c{len(made)}"), nodes, capacity, heartbeat=heartbeat)
         made.append(c)
         return c.start()
 
@@ -100,6 +116,20 @@ def own_cluster(tmp_path: object) -> Iterator[LocalCluster]:
     with c:
         yield c
     shutil.rmtree(c.pool_root, ignore_errors=True)
+
+
+def corrupt_everywhere(cluster: LocalCluster, chunk_id: str) -> int:
+    """Flip the first byte of *chunk_id* in every node pool of *cluster* that holds it; how many copies."""
+    flipped = 0
+    for i in range(len(cluster.node_children)):
+        p = chunk_path(os.path.join(cluster.pool_root, f"node{i}"), chunk_id)
+        if os.path.exists(p):
+            with open(p, "r+b") as f:
+                b = f.read(1)
+                f.seek(0)
+                f.write(bytes([b[0] ^ 0xFF]))
+            flipped += 1
+    return flipped
 
 
 def run_cli(*args: str, meta: str | None = None, input: bytes | None = None,

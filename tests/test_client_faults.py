@@ -29,9 +29,8 @@ from sdcache.client import metaclient
 from sdcache.client.fs import SdcacheFileSystem
 from sdcache.client.metaclient import MetaClient
 from sdcache.placement import rank
-from sdcache.pool_layout import chunk_path
 
-from .conftest import run_cli
+from .conftest import corrupt_everywhere, run_cli
 
 
 def _manifest(meta: str, path: str):
@@ -40,20 +39,6 @@ def _manifest(meta: str, path: str):
         return client.manifest(path)
     finally:
         client.close()
-
-
-def _corrupt_everywhere(cluster, chunk_id: str) -> int:
-    """Flip the first byte of *chunk_id* in every node pool that holds it; how many copies."""
-    flipped = 0
-    for i in range(len(cluster.node_children)):
-        p = chunk_path(os.path.join(cluster.pool_root, f"node{i}"), chunk_id)
-        if os.path.exists(p):
-            with open(p, "r+b") as f:
-                b = f.read(1)
-                f.seek(0)
-                f.write(bytes([b[0] ^ 0xFF]))
-            flipped += 1
-    return flipped
 
 
 # --------------------------------------------------------------------------- one chunk bad, the rest good
@@ -96,7 +81,7 @@ def test_a_failing_chunk_raises_one_error_and_never_writes_into_freed_memory(own
     assert len(m.chunks) == 20
     # The first chunk goes bad everywhere: every pool copy corrupt, the source gone. It fails
     # fast while the other 19 are still being fetched into the same buffer.
-    assert _corrupt_everywhere(own_cluster, m.chunks[0].id) >= 1
+    assert corrupt_everywhere(own_cluster, m.chunks[0].id) >= 1
     bad_src.unlink()
     proc = subprocess.run(
         [sys.executable, "-c", READER, meta, "/faults/bad.bin", "/faults/good.bin",

@@ -18,7 +18,7 @@ from sdcache.pool_layout import chunk_path
 from sdcache.synth import write_sd_checkpoint
 
 from ._requirements import import_required
-from .conftest import run_cli
+from .conftest import corrupt_everywhere, run_cli
 
 SCALE = 0.08  # ~150 MB: SD-shaped, few hundred MB class
 
@@ -94,16 +94,7 @@ def test_corrupted_chunk_in_a_node_never_reaches_the_reader(own_cluster, checkpo
     meta = own_cluster.meta_addr
     run_cli("import", src, "/m/c.safetensors", "--warm", meta=meta, check=True)
     m = MetaClient(meta).manifest("/m/c.safetensors")
-    flipped = 0
-    for ref in m.chunks[:40]:
-        for i in range(3):
-            p = chunk_path(os.path.join(own_cluster.pool_root, f"node{i}"), ref.id)
-            if os.path.exists(p):
-                with open(p, "r+b") as f:
-                    b = f.read(1)
-                    f.seek(0)
-                    f.write(bytes([b[0] ^ 0xFF]))
-                flipped += 1
+    flipped = sum(corrupt_everywhere(own_cluster, ref.id) for ref in m.chunks[:40])
     assert flipped >= 20
     for short_circuit in (True, False):
         fs = SdcacheFileSystem(meta=meta)

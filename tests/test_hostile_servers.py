@@ -10,7 +10,7 @@ real chunks after one. The properties:
   or a 200 carrying the exact bytes of a real chunk (nothing else is 200);
 * bytes the HTTP parser refuses (a 100 KB request line, a 100 KB header,
   a NUL in a request line) get a 4xx from the parser, never a 5xx or a hang;
-* a body over ``node.server.MAX_BODY`` gets 413 without the node reading it
+* a body over ``node.http.MAX_BODY`` gets 413 without the node reading it
   all, and bodies of the wrong shape get 400 saying why;
 * a bad bearer value is 401 whatever it is;
 * a gRPC request that is not a protobuf of its method's type gets a non-OK
@@ -45,7 +45,7 @@ from sdcache.client.importer import import_file
 from sdcache.client.metaclient import MetaClient
 from sdcache.store.base import MAX_PAGE_SIZE
 from sdcache.meta.grpcauth import SERVICE
-from node.server import MAX_BODY, MAX_IDS
+from sdcache.node.http import MAX_BODY, MAX_IDS
 
 # No example database (the working tree is shared); the deadline is what "no hang" means per
 # example, generous because two cores are shared. Few examples: each is a real request.
@@ -417,7 +417,7 @@ bodies = st.one_of(
 
 
 def accepts(route: str, body: bytes) -> bool:
-    """Whether the contract accepts *body* on *route* (module docstring of ``node/server.py``)."""
+    """Whether the contract accepts *body* on *route* (module docstring of ``node/http.py``)."""
     try:
         doc = json.loads(body.decode("utf-8"))
     except (ValueError, RecursionError):

@@ -10,12 +10,11 @@ a full pool is a node started with a small ``--capacity``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -272,21 +271,12 @@ def test_nodes_register_heartbeat_and_expire(fresh_meta: Callable[..., MetaProce
 
 
 @pytest.fixture
-def nodes_cluster(tmp_path: Path) -> Iterator[Callable[..., LocalCluster]]:
-    """Start a metadata service with real ``sdcache node`` subprocesses (``node0``, ``node1``, ...)."""
-    made: list[LocalCluster] = []
+def nodes_cluster(make_cluster: Callable[..., LocalCluster]) -> Callable[..., LocalCluster]:
+    """Start a metadata service with real ``sdcache node`` subprocesses (``node0``, ``node1``, ...).
 
-    def start(nodes: int = 2, capacity: int = 1 << 20, heartbeat: float = 1.0) -> LocalCluster:
-        pool_root = tempfile.mkdtemp(prefix="sdcache-test-pool-", dir="/dev/shm")
-        c = LocalCluster(str(tmp_path / f"cluster{len(made)}"), nodes=nodes, capacity=capacity,
-                         heartbeat_interval=heartbeat, pool_root=pool_root, token_key=TOKEN_KEY)
-        made.append(c)
-        return c.start()
-
-    yield start
-    for c in made:
-        c.stop()
-        shutil.rmtree(c.pool_root, ignore_errors=True)
+    ``make_cluster`` (``conftest``) with a 1 s heartbeat unless a test names another.
+    """
+    return functools.partial(make_cluster, heartbeat=1.0)
 
 
 class Node:

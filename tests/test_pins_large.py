@@ -11,11 +11,8 @@ import hashlib
 import json
 import os
 import random
-import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
-from typing import Any
 
 from sdcache import auth
 from sdcache._proto import meta_pb2 as pb
@@ -24,22 +21,13 @@ from sdcache.client.metaclient import MetaClient
 from sdcache.hashing import chunk_id
 from sdcache.manifest import Manifest
 
+from .conftest import wait_for
+
 FILES = 4
 CHUNKS_PER_FILE = 70_000
 CHUNK_BYTES = 16  # tiny real chunks: the nodes can read a sample of them through
 PAGE_IDS = 65_536  # the service's default and largest PinnedChunks page
 DEADLINE = 60.0
-
-
-def wait_for(cond: Callable[[], Any], what: str, timeout: float = DEADLINE) -> Any:
-    end = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def _http(address: str, path: str) -> bytes:
@@ -123,9 +111,9 @@ def test_pins_larger_than_one_message_reach_every_node(make_cluster, tmp_path) -
                 query = urllib.parse.urlencode({"path": path})
                 assert chunk_id(_http(child.address, f"/chunks/{cid}?{query}")) == cid
             wait_for(lambda address=child.address: json.loads(_http(address, "/stats"))["pinned_ids"] == len(where),
-                     f"{child.name} to hold every pinned id")
+                     f"{child.name} to hold every pinned id", timeout=DEADLINE, step=0.05)
             wait_for(lambda address=child.address: json.loads(_http(address, "/stats"))["pinned"] == len(sample),
-                     f"{child.name} to count the sampled chunks as pinned")
+                     f"{child.name} to count the sampled chunks as pinned", timeout=DEADLINE, step=0.05)
             with open(child.log_path, encoding="utf-8", errors="replace") as log:
                 assert "cannot load pinned chunks" not in log.read()
 

@@ -1,15 +1,9 @@
 """The metadata service's HTTP client for the node control endpoints.
 
-Contract with the node (``node/``)::
-
-    POST /warm   {"path": p, "ids": [...]}  (the node reads p's manifest for where the bytes are)
-              -> {"loaded": n, "bytes": b, "present": n, "failed": [{"id", "error", "message"}], "no_space": n}
-    POST /has    {"ids": [...]}            -> {"present": [...]}
-    POST /evict  {"path": p, "ids": [...]} -> {"chunks": n, "bytes": b}
-
-The full contract lives in ``node/server.py``. Every call carries the
-service's own admin token (``Authorization: Bearer``), over HTTPS when the
-service runs with TLS. Every failure (refused connection, timeout, non-2xx
+It calls the node's ``POST /warm``, ``/has`` and ``/evict``; their contract
+is written once, in ``node/http.py`` (:mod:`sdcache.node.http`). Every call
+carries the service's own admin token (``Authorization: Bearer``), over HTTPS
+when the service runs with TLS. Every failure (refused connection, timeout, non-2xx
 reply, malformed JSON) becomes :class:`~sdcache.errors.Unavailable` naming
 the node.
 """

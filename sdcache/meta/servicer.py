@@ -164,10 +164,14 @@ class MetaServicer(meta_pb2_grpc.MetaServicer):
     @_unary
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatResponse:
         known = await self._write(self.store.heartbeat, request.node_id, request.used, request.chunks, time.time())
+        auth_generation = await self._read(self.store.auth_generation)
+        # Heartbeats arrive every interval: this is also when a service over a
+        # shared store picks up revocations another service made.
+        await self._read(self.authority.follow, auth_generation)
         return pb.HeartbeatResponse(
             known=known,
             pins_generation=await self._read(self.store.pins_generation),
-            auth_generation=await self._read(self.store.auth_generation),
+            auth_generation=auth_generation,
         )
 
     @_unary

@@ -34,6 +34,7 @@ class TokenAuthority:
         self.store = store
         self.key = key
         self.enabled = enabled
+        self.generation = store.auth_generation()  # of the revocations the verifier holds
         self.verifier = auth.TokenVerifier([key.public_key()], self._revoked(), enabled=enabled)
         self._service_token = ""
         self._service_expires = 0.0
@@ -92,7 +93,14 @@ class TokenAuthority:
 
     def reload(self) -> None:
         """Re-read revocations from the store (another service over the same store may have revoked)."""
+        generation = self.store.auth_generation()
         self.verifier.update([self.key.public_key()], self._revoked(), enabled=self.enabled)
+        self.generation = generation
+
+    def follow(self, generation: int) -> None:
+        """Reload if the store's auth generation moved past what this service holds (blocking)."""
+        if generation != self.generation:
+            self.reload()
 
     def service_token(self) -> str:
         """An admin token for this service's own calls to nodes; re-minted before it expires."""
