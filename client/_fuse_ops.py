@@ -32,6 +32,7 @@ import trio
 from sdcache import errors
 from sdcache.manifest import Entry, Manifest
 
+from . import metrics
 from ._fuse_cache import ABANDON, ChunkCache
 from .fetcher import Fetcher
 from .metaclient import MetaClient
@@ -82,11 +83,25 @@ class _OpenDir:
     entries: list[Entry] = field(default_factory=list)
 
 
-def _fuse_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    """Turn every failure of a handler into an errno (an escaping exception would stop the mount)."""
+def _counted(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """Count each call in ``sdcache_fuse_operations_total{op=<handler name>}``."""
+    calls = metrics.FUSE_OPERATIONS.labels(fn.__name__)
 
     @functools.wraps(fn)
     async def handler(self: "SdcacheOperations", *args: Any) -> T:
+        calls.inc()
+        return await fn(self, *args)
+
+    return handler
+
+
+def _fuse_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """Turn every failure of a handler into an errno (an escaping exception would stop the mount); count it."""
+    calls = metrics.FUSE_OPERATIONS.labels(fn.__name__)
+
+    @functools.wraps(fn)
+    async def handler(self: "SdcacheOperations", *args: Any) -> T:
+        calls.inc()
         try:
             return await fn(self, *args)
         except pyfuse3.FUSEError:
@@ -97,13 +112,13 @@ def _fuse_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]
             self._report_unavailable(fn.__name__, exc)
             raise pyfuse3.FUSEError(errno.EIO) from None
         except errors.SdcacheError as exc:
-            log.error("%s: %s", fn.__name__, exc)
+            log.error("%s: %s", fn.__name__, exc, extra={"op": fn.__name__})
             raise pyfuse3.FUSEError(exc.errno) from None
         except OSError as exc:
-            log.error("%s: %s", fn.__name__, exc)
+            log.error("%s: %s", fn.__name__, exc, extra={"op": fn.__name__})
             raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
         except Exception:
-            log.exception("%s failed", fn.__name__)
+            log.exception("%s failed", fn.__name__, extra={"op": fn.__name__})
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     return handler
@@ -266,6 +281,7 @@ class SdcacheOperations(pyfuse3.Operations):
         node.lookups += 1
         return self._attrs(node)
 
+    @_counted
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
         for ino, nlookup in inode_list:
             node = self._inodes.get(ino)
@@ -298,6 +314,7 @@ class SdcacheOperations(pyfuse3.Operations):
                 break
             node.lookups += 1
 
+    @_counted
     async def releasedir(self, fh: int) -> None:
         self._dirhandles.pop(fh, None)
 
@@ -363,6 +380,7 @@ class SdcacheOperations(pyfuse3.Operations):
 
     @_fuse_errors
     async def read(self, fh: int, off: int, size: int) -> Any:
+        metrics.FUSE_READ_SIZE.observe(size)
         f = self._files.get(fh)
         if f is None:
             raise pyfuse3.FUSEError(errno.EBADF)
@@ -409,9 +427,11 @@ class SdcacheOperations(pyfuse3.Operations):
         for i in range(last + 1, stop):
             self.cache.prefetch(f.manifest, i)
 
+    @_counted
     async def flush(self, fh: int) -> None:
         return None
 
+    @_counted
     async def release(self, fh: int) -> None:
         f = self._files.pop(fh, None)
         if f is not None:

@@ -22,6 +22,7 @@ import ctypes
 import fcntl
 import mmap
 import os
+import time
 from concurrent.futures import Future
 from typing import TYPE_CHECKING
 
@@ -32,6 +33,7 @@ from sdcache.placement import rank
 from sdcache.pool_layout import chunk_path
 from sdcache.safetensors_header import HEADER_LEN, parse_header
 
+from . import metrics
 from ._inflight import settled
 
 if TYPE_CHECKING:
@@ -158,10 +160,13 @@ def load_mapped(fetcher: "Fetcher", m: Manifest, name: str) -> dict[str, "torch.
 
 def _place(fetcher: "Fetcher", m: Manifest, i: int, addr: int, dst: memoryview, local: list) -> None:
     ref = m.chunks[i]
+    t0 = time.perf_counter()
     for node in rank(ref.id, local):
         if _map_file(addr, ref.length, chunk_path(node.pool_dir, ref.id)):
             if xxhash.xxh3_128_hexdigest(dst) == ref.id:
                 fetcher.tiers["local"] += 1
+                metrics.FETCH_SECONDS_BY_TIER["local"].observe(time.perf_counter() - t0)
+                metrics.FETCH_BYTES_BY_TIER["local"].inc(ref.length)
                 return
             _map_anonymous(addr, ref.length)  # corrupt copy in the pool: fetch a good one
     fetcher.fetch_into(m, i, dst)

@@ -32,11 +32,13 @@ from urllib.parse import quote, urlencode
 import xxhash
 
 from sdcache import errors
+from sdcache.chunking import ChunkRef
 from sdcache.hostid import host_id
 from sdcache.manifest import Manifest
 from sdcache.placement import NodeInfo, rank
 from sdcache.pool_layout import chunk_path
 
+from . import metrics
 from ._inflight import settled
 from .metaclient import MetaClient
 from .underfs import read_range
@@ -124,8 +126,9 @@ class Fetcher:
             bad = [n for n in ranked if self._suspect.get(n.node_id, 0) > now]
         return good + bad
 
-    def _mark_suspect(self, node: NodeInfo, why: object) -> None:
-        log.warning("node %s (%s) failed, trying the next: %s", node.node_id, node.address, why)
+    def _mark_suspect(self, node: NodeInfo, why: object, chunk_id: str | None = None) -> None:
+        log.warning("node %s (%s) failed, trying the next: %s", node.node_id, node.address, why,
+                    extra={"node": node.node_id, "chunk": chunk_id})
         with self._lock:
             self._suspect[node.node_id] = time.monotonic() + SUSPECT_SECONDS
 
@@ -147,6 +150,13 @@ class Fetcher:
         ref = m.chunks[index]
         if len(out) != ref.length:
             raise ValueError("buffer length does not match the chunk")
+        t0 = time.perf_counter()
+        tier = self._fetch_into(m, ref, index, out)
+        metrics.FETCH_SECONDS_BY_TIER[tier].observe(time.perf_counter() - t0)
+        metrics.FETCH_BYTES_BY_TIER[tier].inc(ref.length)
+        return tier
+
+    def _fetch_into(self, m: Manifest, ref: ChunkRef, index: int, out: memoryview) -> str:
         sleep = BUSY_FIRST_SLEEP
         for round_ in range(BUSY_ROUNDS + 1):
             busy = False
@@ -161,15 +171,18 @@ class Fetcher:
                     raise
                 except errors.Overloaded as exc:  # alive, at its bound: the next node now, this one soon
                     busy = True
+                    metrics.RETRIES_BY_REASON["busy"].inc()
                     self._mark_busy(node, exc.retry_after if isinstance(exc, NodeBusy) else BUSY_DEFAULT)
                     continue
                 except (OSError, http.client.HTTPException, errors.SdcacheError) as exc:
-                    self._mark_suspect(node, exc)
+                    metrics.RETRIES_BY_REASON["corrupt" if isinstance(exc, errors.CorruptChunk) else "failover"].inc()
+                    self._mark_suspect(node, exc, ref.id)
                     continue
                 if xxhash.xxh3_128_hexdigest(out) == ref.id:
                     self.tiers["node"] += 1
                     return "node"
-                self._mark_suspect(node, f"chunk {ref.id} failed its hash")
+                metrics.RETRIES_BY_REASON["corrupt"].inc()
+                self._mark_suspect(node, f"chunk {ref.id} failed its hash", ref.id)
             if not busy or round_ == BUSY_ROUNDS:
                 break
             # Every node that answered is busy: back off (jittered, so the threads of many clients do

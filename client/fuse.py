@@ -27,10 +27,12 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from typing import Any
 
-from sdcache import errors, tls
+from sdcache import errors, logs, tls
+from sdcache import metrics as sdc_metrics
 from sdcache.tls import Credentials
 from sdcache.units import format_size, parse_size
 
@@ -65,6 +67,9 @@ def add_mount_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-other", action="store_true", help="let other users read the mount")
     p.add_argument("--log", metavar="FILE", help="daemon log file in background mode "
                                                  "(default: a file in the runtime directory)")
+    logs.add_argument(p)
+    sdc_metrics.add_argument(p, "a loopback address needs no token; any other needs a token the metadata "
+                                "service accepts for reading")
     p.add_argument("--ready-file", help=argparse.SUPPRESS)
 
 
@@ -223,6 +228,8 @@ def main_mount(args: argparse.Namespace) -> int:
         raise errors.Unavailable(f"FUSE support is not installed ({exc}); pip install pyfuse3 trio") from None
     if args.max_memory and parse_size(args.max_memory) < (32 << 20):
         raise errors.InvalidArgument("--max-memory must be at least 32MiB")
+    if getattr(args, "metrics_listen", None):
+        sdc_metrics.split_listen(args.metrics_listen)
     if args.foreground:
         return _serve(args, mountpoint)
     return _spawn(args, mountpoint)
@@ -244,6 +251,10 @@ def _child_argv(args: argparse.Namespace, mountpoint: str, ready_file: str) -> l
              "--threads", str(args.threads), "--read-ahead-kb", str(args.read_ahead_kb)]
     if args.allow_other:
         argv.append("--allow-other")
+    if getattr(args, "log_format", "text") != "text":
+        argv += ["--log-format", args.log_format]
+    if getattr(args, "metrics_listen", None):
+        argv += ["--metrics-listen", args.metrics_listen]
     return argv
 
 
@@ -294,6 +305,7 @@ def _serve(args: argparse.Namespace, mountpoint: str) -> int:
     from .fetcher import Fetcher
     from .metaclient import MetaClient
 
+    logs.configure(getattr(args, "log_format", "text"))
     # Signals wait (blocked in every thread made from here on) until the loop turns them into a
     # clean unmount.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
@@ -310,13 +322,18 @@ def _serve(args: argparse.Namespace, mountpoint: str) -> int:
     options = {"fsname=sdcache", "subtype=sdcache", "ro", "default_permissions", "noatime"}
     if args.allow_other:
         options.add("allow_other")
+    metrics_server = _metrics_server(getattr(args, "metrics_listen", None), meta)
     try:
         pyfuse3.init(ops, mountpoint, options)
     except RuntimeError as exc:
+        if metrics_server is not None:
+            metrics_server.stop()
         raise errors.Unavailable(f"cannot mount {mountpoint}: {exc} (see the lines above)") from None
     try:
         trio.run(_run, ops, mountpoint, args)
     finally:
+        if metrics_server is not None:
+            metrics_server.stop()
         # Safe after an external unmount too: libfuse skips the unmount when the kernel ended the session.
         pyfuse3.close(unmount=True)
         fetcher.close()
@@ -329,6 +346,56 @@ def _serve(args: argparse.Namespace, mountpoint: str) -> int:
     log.info("%s: unmounted (chunk memory peak %s, %d buffers made)", mountpoint, format_size(ops.cache.peak),
              ops.cache.fresh)
     return 0
+
+
+class MetaTokenCheck:
+    """Checks a scrape's bearer token by asking the metadata service: good if it accepts it for a read.
+
+    The mount holds no token keys (only a node fetches those), so a token is
+    good when a ``GetConfig`` call (role ``read``) made with it succeeds. A
+    good answer is kept for :attr:`TTL` seconds, so Prometheus scraping every
+    15 s costs the service one call per token every half minute and a revoked
+    token stops working here within that.
+    """
+
+    TTL = 30.0
+    MAX_KEPT = 64
+
+    def __init__(self, address: str, tls_files: tls.TlsFiles | None) -> None:
+        self.address = address
+        self.tls_files = tls_files
+        self._good: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, token: str | None) -> None:
+        from .metaclient import MetaClient
+
+        if not token:
+            raise errors.Unauthenticated("no token: send Authorization: Bearer TOKEN (a read token)")
+        now = time.monotonic()
+        with self._lock:
+            if self._good.get(token, 0.0) > now:
+                return
+        client = MetaClient(self.address, timeout=5.0, credentials=Credentials(token, self.tls_files))
+        try:
+            client.store_url()
+        finally:
+            client.close()
+        with self._lock:
+            if len(self._good) >= self.MAX_KEPT:
+                self._good.clear()
+            self._good[token] = now + self.TTL
+
+
+def _metrics_server(listen: str | None, meta: Any) -> sdc_metrics.MetricsServer | None:
+    """``--metrics-listen``: open on a loopback address, else behind a token the metadata service accepts."""
+    if not listen:
+        return None
+    host, _ = sdc_metrics.split_listen(listen)
+    check = None if sdc_metrics.is_loopback(host) else MetaTokenCheck(meta.address, meta.credentials.tls)
+    server = sdc_metrics.MetricsServer(listen, sdc_metrics.Exposition(), check)
+    server.start()
+    return server
 
 
 async def _run(ops: Any, mountpoint: str, args: argparse.Namespace) -> None:

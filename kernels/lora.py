@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from sdcache import errors
 
 from .checkpoint import unet_ldm_prefixes, unet_name_to_ldm
 from .families import label_for_cross_attention_dim
+from .metrics import LORA_SWITCH_SECONDS
 
 if TYPE_CHECKING:
     import torch
@@ -291,13 +293,23 @@ class LoraPatcher:
         return orig if orig is not None else self._param(ref).data
 
     def switch(self, loras: Iterable[tuple[ResolvedLora, float]]) -> list[str]:
-        """Make exactly *loras* (with their scales) applied; returns the ``component.module`` names changed."""
-        import torch
+        """Make exactly *loras* (with their scales) applied; returns the ``component.module`` names changed.
 
+        A change of the set is timed in ``sdcache_runner_lora_switch_seconds``.
+        """
         loras = list(loras)
         key = tuple((r.url, float(s)) for r, s in loras)
         if key == self.applied:
             return []
+        t0 = time.perf_counter()
+        try:
+            return self._switch(loras, key)
+        finally:
+            LORA_SWITCH_SECONDS.observe(time.perf_counter() - t0)
+
+    def _switch(self, loras: list[tuple[ResolvedLora, float]], key: tuple[tuple[str, float], ...]) -> list[str]:
+        import torch
+
         per_target: dict[tuple[str, str], list[tuple[Any, Any, float]]] = defaultdict(list)
         for r, scale in loras:
             for ref, (up, down, f) in r.targets.items():

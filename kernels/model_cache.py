@@ -22,11 +22,14 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from .metrics import LOAD_SECONDS_BY_TIER
 
 if TYPE_CHECKING:
     import torch
@@ -211,7 +214,17 @@ class ModelCache:
 
     # -- host tier: files
     def file(self, url: str) -> tuple[dict[str, "torch.Tensor"], str]:
-        """The tensors of *url* and the tier that served them (``ram`` or where it was loaded from)."""
+        """The tensors of *url* and the tier that served them (``ram`` or where it was loaded from).
+
+        Observes ``sdcache_runner_model_load_seconds`` by that tier (waiting for
+        another thread's load of the same file, then taking it from RAM, is ``ram``).
+        """
+        t0 = time.perf_counter()
+        sd, tier = self._file(url)
+        LOAD_SECONDS_BY_TIER[tier].observe(time.perf_counter() - t0)
+        return sd, tier
+
+    def _file(self, url: str) -> tuple[dict[str, "torch.Tensor"], str]:
         key = ("file", url)
         while True:
             sd = self.host.get(key)

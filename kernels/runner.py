@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from sdcache import errors
 
 from . import checkpoint, components, lora, sources
+from .metrics import DENOISE_SECONDS, LOAD_SECONDS_BY_TIER
 from .families import Family, label_for_cross_attention_dim
 from .model_cache import TIER_DEVICE, TIER_RAM, ModelCache, default_budgets, tensors_nbytes
 from .pipeline import assemble, make_scheduler
@@ -211,6 +212,7 @@ class Runner:
             with torch.inference_mode():
                 image = prep.pipe(**kwargs).images[0]
             denoise_s = time.perf_counter() - t0
+            DENOISE_SECONDS.observe(denoise_s)
         finally:
             self.release(prep)
         return RunResult(
@@ -232,6 +234,9 @@ class Runner:
         cn_key = ("controlnet", cn_src.url, str(self.device), str(self.dtype)) if cn_src else None
         bundle: BaseBundle | None = self.cache.device.get(base_key)
         cn_model = self.cache.device.get(cn_key) if cn_key else None
+        for hit in (bundle, cn_model):  # models already built on the device: a load from the device tier
+            if hit is not None:
+                LOAD_SECONDS_BY_TIER[TIER_DEVICE].observe(time.perf_counter() - t0)
         needed: list[str] = []
         if bundle is None:
             needed += src.urls

@@ -2,9 +2,9 @@
 
 This is the one description of the contract; the client (``client/``) and the
 metadata service (:mod:`sdcache.meta.nodeclient`) speak it. Every request but
-``/healthz`` carries ``Authorization: Bearer TOKEN``; the role each route
-needs is :data:`sdcache.auth.HTTP_ROLES` (``read`` for chunks, ``/has`` and
-``/stats``; ``admin`` for ``/warm`` and ``/evict``). Tokens are checked here,
+``/healthz`` and ``/readyz`` carries ``Authorization: Bearer TOKEN``; the role each route
+needs is :data:`sdcache.auth.HTTP_ROLES` (``read`` for chunks, ``/has``,
+``/stats`` and ``/metrics``; ``admin`` for ``/warm`` and ``/evict``). Tokens are checked here,
 by a middleware before any handler runs, against the keys and revocations the
 metadata service hands the node (:mod:`node.registration`), with no call per
 request.
@@ -23,7 +23,13 @@ request.
 ``POST /warm`` ``{"path", "ids": [...]}`` ->
     ``{"loaded", "bytes", "present", "failed": [{"id", "error", "message"}], "no_space"}``
 ``POST /evict`` ``{"path"?, "ids"?}`` (at least one) -> ``{"chunks", "bytes"}``
-``GET /stats``, ``GET /healthz``
+``GET /stats``: the node's counters as JSON.
+``GET /metrics``: the same counters, and latency histograms, for Prometheus (:mod:`.metrics`).
+``GET /healthz``: 200 ``ok`` while the process serves (open).
+``GET /readyz``: 200 ``{"ready": true}`` once the pool is loaded, the node is
+    registered and holds the token keys (or runs standalone) and the metadata
+    service answered within three heartbeat intervals; else 503
+    ``{"ready": false, "reason": ...}`` (open).
 
 A chunk id is 32 lowercase hex digits. A POST body is a JSON object of at
 most :data:`MAX_BODY` bytes (413 beyond, refused on its ``Content-Length``)
@@ -45,10 +51,12 @@ from typing import Any
 from aiohttp import web
 
 from sdcache import auth
+from sdcache import metrics as sdc_metrics
 from sdcache import paths as cache_paths
 from sdcache.chunking import CHUNK_SIZE
 from sdcache.errors import InvalidArgument, NotFound, SdcacheError, Unavailable, error_name
 
+from .metrics import NodeCollector
 from .service import RETRY_AFTER_S, ChunkService
 
 log = logging.getLogger(__name__)
@@ -132,7 +140,10 @@ async def _errors(request: web.Request, handler: Callable[..., Any]) -> web.Stre
     except ConnectionError:
         raise  # a client that hung up mid-body is aiohttp's to handle
     except Exception as e:  # noqa: BLE001 - the client must get JSON, not a traceback page
-        log.exception("error handling %s %s", request.method, request.path)
+        resource = request.match_info.route.resource
+        log.exception("error handling %s %s", request.method, request.path,
+                      extra={"method": f"{request.method} {resource.canonical if resource else request.path}",
+                             "chunk": request.match_info.get("id"), "path": request.query.get("path")})
         return web.json_response({"error": "SdcacheError", "message": f"{type(e).__name__}: {e}"}, status=500)
 
 
@@ -159,10 +170,12 @@ class NodeApp:
     """The aiohttp handlers of one node."""
 
     def __init__(self, service: ChunkService, info: Callable[[], dict[str, Any]],
-                 verifier: auth.TokenVerifier) -> None:
+                 verifier: auth.TokenVerifier, not_ready: Callable[[], str | None] | None = None) -> None:
         self.service = service
         self._info = info
         self.verifier = verifier
+        self._not_ready = not_ready or (lambda: None)
+        self.exposition = sdc_metrics.Exposition(NodeCollector(service))
 
     def make_app(self) -> web.Application:
         app = web.Application(middlewares=[_errors, _auth(self.verifier)], client_max_size=MAX_BODY)
@@ -173,7 +186,9 @@ class NodeApp:
         r.add_post("/warm", self.warm)
         r.add_post("/evict", self.evict)
         r.add_get("/stats", self.stats)
+        r.add_get("/metrics", self.metrics)
         r.add_get("/healthz", self.healthz)
+        r.add_get("/readyz", self.readyz)
         return app
 
     async def get_chunk(self, request: web.Request) -> web.StreamResponse:
@@ -189,7 +204,7 @@ class NodeApp:
         budget.try_take(reserved)
         try:
             data, hit = await self.service.get(chunk_id, path)
-            self.service.pool.record_served(len(data))
+            self.service.pool.record_served(len(data), hit)
             # StreamResponse with the headers sent on their own: aiohttp would
             # otherwise join them with the body, one more 4 MiB copy per GET on
             # Python 3.11 (see benchmarks/bench_node.py).
@@ -247,5 +262,15 @@ class NodeApp:
         s.update(self._info())
         return web.json_response(s)
 
+    async def metrics(self, request: web.Request) -> web.StreamResponse:
+        body = self.exposition.render()
+        return web.Response(body=body, headers={"Content-Type": sdc_metrics.CONTENT_TYPE})
+
     async def healthz(self, request: web.Request) -> web.StreamResponse:
         return web.Response(text="ok")
+
+    async def readyz(self, request: web.Request) -> web.StreamResponse:
+        reason = self._not_ready()
+        if reason is None:
+            return web.json_response({"ready": True})
+        return web.json_response({"ready": False, "reason": reason}, status=503)

@@ -190,7 +190,12 @@ class PoolStats:
     """A snapshot of a pool's counters.
 
     ``used`` includes ``evicted_mapped_bytes``: evicted chunks whose memory a
-    same-host reader's mapping still holds.
+    same-host reader's mapping still holds. ``misses`` includes
+    ``corrupt_reads`` (reads that found a bad copy and dropped it);
+    ``corrupt_dropped`` also counts bad files dropped at :meth:`ChunkPool.load`.
+    ``bytes_served`` is ``served_pool_bytes + served_understore_bytes``.
+    These counters are the node's one source of truth: ``/stats``,
+    ``/metrics`` (:mod:`.metrics`) and the heartbeat all read them here.
     """
 
     capacity: int
@@ -198,12 +203,16 @@ class PoolStats:
     chunks: int
     files: int
     pinned: int
+    pinned_bytes: int
     hits: int
     misses: int
     evictions: int
     evicted_bytes: int
     bytes_served: int
+    served_pool_bytes: int
+    served_understore_bytes: int
     corrupt_dropped: int
+    corrupt_reads: int
     rejected: int
     evicted_mapped_bytes: int
 
@@ -245,8 +254,10 @@ class ChunkPool:
         self.misses = 0
         self.evictions = 0
         self.evicted_bytes = 0
-        self.bytes_served = 0
+        self.served_pool_bytes = 0
+        self.served_understore_bytes = 0
         self.corrupt_dropped = 0
+        self.corrupt_reads = 0
         self.rejected = 0
         _make_dir(self.pool_dir)
         fd = _lock_dir(self.pool_dir)
@@ -428,23 +439,33 @@ class ChunkPool:
     def chunk_path(self, chunk_id: str) -> str:
         return pool_layout.chunk_path(self.pool_dir, chunk_id)
 
+    @property
+    def bytes_served(self) -> int:
+        return self.served_pool_bytes + self.served_understore_bytes
+
     def stats(self) -> PoolStats:
         """The counters now; first frees evicted chunks whose mappings have gone."""
         with self._lock:
             if self._held:
                 self._reap_held()
+            chunks = self._chunks
+            held = [c.size for i in self._pinned if (c := chunks.get(i)) is not None]
             return PoolStats(
                 capacity=self.capacity,
                 used=self._used,
-                chunks=len(self._chunks),
+                chunks=len(chunks),
                 files=sum(1 for k in self._files if not k.startswith(_ANON)),
-                pinned=sum(1 for i in self._pinned if i in self._chunks),
+                pinned=len(held),
+                pinned_bytes=sum(held),
                 hits=self.hits,
                 misses=self.misses,
                 evictions=self.evictions,
                 evicted_bytes=self.evicted_bytes,
                 bytes_served=self.bytes_served,
+                served_pool_bytes=self.served_pool_bytes,
+                served_understore_bytes=self.served_understore_bytes,
                 corrupt_dropped=self.corrupt_dropped,
+                corrupt_reads=self.corrupt_reads,
                 rejected=self.rejected,
                 evicted_mapped_bytes=self._held_bytes,
             )
@@ -459,11 +480,15 @@ class ChunkPool:
         so bad bytes are never returned. A hit marks *path* (or, without one,
         every file the chunk belongs to) as just used.
         """
+        return self.lookup(chunk_id, path)[0]
+
+    def lookup(self, chunk_id: str, path: str | None = None) -> tuple[bytes | None, str]:
+        """:meth:`get`, and what it found: ``"hit"``, ``"miss"`` or ``"corrupt"`` (a bad copy, now dropped)."""
         c = self._chunks.get(chunk_id)
         if c is None:
             with self._lock:
                 self.misses += 1
-            return None
+            return None, "miss"
         file = self.chunk_path(chunk_id)
         data: bytes | None = None
         ino: int | None = None
@@ -486,15 +511,18 @@ class ChunkPool:
                 if drop:
                     self._forget(chunk_id)
                     self.corrupt_dropped += 1
+                    self.corrupt_reads += 1
                     self._unlink(chunk_id)
             if drop:
-                log.warning("pool chunk %s is missing or corrupt; dropped it", chunk_id)
-            return None
+                log.warning("pool chunk %s is missing or corrupt; dropped it", chunk_id,
+                            extra={"chunk": chunk_id, "path": path})
+                return None, "corrupt"
+            return None, "miss"
         with self._lock:
             self.hits += 1
             if chunk_id in self._chunks:
                 self._touch(chunk_id, path)
-        return data
+        return data, "hit"
 
     def touch(self, chunk_id: str, path: str | None = None) -> bool:
         """Associate a present chunk with *path* and mark it used; False if absent."""
@@ -504,9 +532,13 @@ class ChunkPool:
             self._touch(chunk_id, path)
             return True
 
-    def record_served(self, nbytes: int) -> None:
+    def record_served(self, nbytes: int, hit: bool = True) -> None:
+        """Count *nbytes* sent to a client: from the pool (*hit*) or read through from the under-store."""
         with self._lock:
-            self.bytes_served += nbytes
+            if hit:
+                self.served_pool_bytes += nbytes
+            else:
+                self.served_understore_bytes += nbytes
 
     # ------------------------------------------------------------------ writes
 

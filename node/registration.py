@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 import grpc
@@ -35,6 +36,10 @@ BACKOFF_START = 0.1  # seconds before the first retry of a failed registration
 BACKOFF_MAX = 5.0  # cap of the exponential backoff
 RPC_TIMEOUT = 10.0  # seconds per RPC
 DEFAULT_HEARTBEAT = 5.0  # when the service sends no interval
+#: Readiness: the service drops a node after this many missed heartbeats, and so does /readyz
+#: (plus READY_GRACE seconds for the round trip).
+MISSED_HEARTBEATS = 3
+READY_GRACE = 1.0
 
 
 def unpack_ids(blob: bytes) -> list[str]:
@@ -60,6 +65,7 @@ class Registration:
         self.heartbeats = 0
         self.pins_generation: int | None = None
         self.heartbeat_interval = DEFAULT_HEARTBEAT
+        self.last_contact: float | None = None  # monotonic time the service last answered a register/heartbeat
 
     async def run(self) -> None:
         """Run until cancelled."""
@@ -76,6 +82,7 @@ class Registration:
             node = self._node()
             try:
                 resp = await stub.RegisterNode(node, timeout=RPC_TIMEOUT)
+                self.last_contact = time.monotonic()
                 self.auth_generation = None  # the service may have restarted with other keys
                 if await self._sync_auth(stub, resp.auth_generation):
                     break
@@ -119,12 +126,25 @@ class Registration:
                 log.warning("heartbeat to %s failed (%s)", self.meta, e.code().name)
                 continue
             self.heartbeats += 1
+            self.last_contact = time.monotonic()
             if not resp.known:
                 log.info("metadata service forgot node %s; registering again", node_id)
                 self.registered.clear()
                 return
             await self._sync_auth(stub, resp.auth_generation)
             await self._sync_pins(stub, resp.pins_generation)
+
+    def not_ready(self) -> str | None:
+        """Why this node is not ready to serve as the service's node (None when it is), for ``/readyz``."""
+        if not self.registered.is_set():
+            return f"not registered with the metadata service at {self.meta} yet"
+        if self.verifier.enabled and not self.verifier.ready:
+            return "registered, but the token keys from the metadata service are not loaded yet"
+        if self.last_contact is not None:
+            silent = time.monotonic() - self.last_contact
+            if silent > MISSED_HEARTBEATS * self.heartbeat_interval + READY_GRACE:
+                return f"the metadata service at {self.meta} has not answered for {silent:.1f}s"
+        return None
 
     async def _sync_auth(self, stub: pbg.MetaStub, generation: int) -> bool:
         """Load the token keys and revocations unless *generation* is the one loaded; False on failure."""

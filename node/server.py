@@ -20,7 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
-from sdcache import DEFAULT_META, auth, tls
+from sdcache import DEFAULT_META, auth, logs, tls
 from sdcache._proto import meta_pb2 as pb
 from sdcache.errors import CapacityExceeded, InvalidArgument, SdcacheError
 from sdcache.hostid import host_id
@@ -146,6 +146,18 @@ class NodeServer:
             "pins_generation": self.registration.pins_generation if self.registration else None,
         }
 
+    def not_ready(self) -> str | None:
+        """Why the node is not ready (``GET /readyz`` answers 503 with it), or None.
+
+        Ready: the pool is loaded and, unless standalone (``--meta none``), the
+        node is registered, holds the token keys and hears from the service.
+        """
+        if self.pool is None or self.service is None:
+            return "the pool is not loaded yet"
+        if self.registration is None:
+            return None
+        return self.registration.not_ready()
+
     async def start(self) -> str:
         """Bind, load the pool, serve; returns the HOST:PORT listened on."""
         host, port = split_hostport(self.listen)
@@ -185,7 +197,7 @@ class NodeServer:
             else:
                 locator = SourceLocator(None)
             self.service = ChunkService(pool, locator=locator, max_inflight=self.max_inflight)
-            app = NodeApp(self.service, self._info, self.verifier).make_app()
+            app = NodeApp(self.service, self._info, self.verifier, self.not_ready).make_app()
             self._runner = web.AppRunner(app, access_log=None, keepalive_timeout=KEEPALIVE_S)
             await self._runner.setup()
             site = web.SockSite(self._runner, sock, backlog=BACKLOG, ssl_context=ssl_context)
@@ -284,11 +296,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="read through only from sources under this URL prefix (repeatable; "
                         "e.g. s3://models/ or file:///nas/); default: any committed source")
     tls.add_server_arguments(parser)
+    logs.add_argument(parser)
 
 
 def main(args: argparse.Namespace) -> int:
     """Run a node from parsed ``add_arguments`` options; returns the exit status."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=logs.TEXT_FORMAT)
+    logs.configure(getattr(args, "log_format", "text"))
     try:
         capacity = parse_size(args.capacity)
         split_hostport(args.listen)

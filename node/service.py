@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 from sdcache.chunking import CHUNK_SIZE
@@ -26,6 +27,7 @@ from sdcache.errors import (
 )
 from sdcache.units import format_size
 
+from . import metrics
 from .locator import SourceLocator, SourceRange
 from .pool import ChunkPool
 from .singleflight import SingleFlight
@@ -88,11 +90,11 @@ class ChunkService:
         self.flights: SingleFlight[str, tuple[bytes, bool]] = SingleFlight()
         self._flight_src: dict[str, str] = {}
 
-    async def read_pool(self, chunk_id: str, path: str | None) -> bytes | None:
-        """Verified bytes from the pool, or None."""
+    async def read_pool(self, chunk_id: str, path: str | None) -> tuple[bytes | None, str]:
+        """Verified bytes from the pool or None, and the result: ``hit``, ``miss`` or ``corrupt``."""
         if chunk_id not in self.pool:
-            return self.pool.get(chunk_id, path)  # counts the miss; touches no file
-        return await asyncio.to_thread(self.pool.get, chunk_id, path)
+            return self.pool.lookup(chunk_id, path)  # counts the miss; touches no file
+        return await asyncio.to_thread(self.pool.lookup, chunk_id, path)
 
     async def read_through(self, chunk_id: str, where: SourceRange, path: str | None) -> tuple[bytes, bool]:
         """Fetch a chunk from the under-store (one fetch per id at a time) and keep it if it fits.
@@ -107,10 +109,11 @@ class ChunkService:
             try:
                 await asyncio.to_thread(self.pool.put, chunk_id, data, path)
             except CapacityExceeded as e:
-                log.debug("not keeping chunk %s: %s", chunk_id, e)
+                log.debug("not keeping chunk %s: %s", chunk_id, e, extra={"chunk": chunk_id, "path": path})
                 return data, False
             except OSError as e:
-                log.warning("cannot write chunk %s to the pool: %s", chunk_id, e)
+                log.warning("cannot write chunk %s to the pool: %s", chunk_id, e,
+                            extra={"chunk": chunk_id, "path": path})
                 return data, False
             return data, True
 
@@ -133,16 +136,25 @@ class ChunkService:
         return data, kept
 
     async def get(self, chunk_id: str, path: str | None) -> tuple[bytes, bool]:
-        """(bytes, hit): from the pool if it holds a good copy, else read through from *path*'s manifest."""
-        credited = path if path is not None and self.locator.known(path, chunk_id) else None
-        data = await self.read_pool(chunk_id, credited)
-        if data is not None:
-            return data, True
-        if path is None:
-            raise NotFound(f"chunk {chunk_id} is not in this node's pool")
-        where = await self.locator.locate(path, chunk_id)
-        data, _ = await self.read_through(chunk_id, where, path)
-        return data, False
+        """(bytes, hit): from the pool if it holds a good copy, else read through from *path*'s manifest.
+
+        Observes ``sdcache_node_chunk_request_seconds`` by result, failures
+        included; the request counters are the pool's own (:mod:`.metrics`).
+        """
+        t0 = time.perf_counter()
+        result = metrics.MISS
+        try:
+            credited = path if path is not None and self.locator.known(path, chunk_id) else None
+            data, result = await self.read_pool(chunk_id, credited)
+            if data is not None:
+                return data, True
+            if path is None:
+                raise NotFound(f"chunk {chunk_id} is not in this node's pool")
+            where = await self.locator.locate(path, chunk_id)
+            data, _ = await self.read_through(chunk_id, where, path)
+            return data, False
+        finally:
+            metrics.CHUNK_REQUEST_SECONDS_BY_RESULT[result].observe(time.perf_counter() - t0)
 
     async def warm(self, path: str, ids: list[str]) -> dict[str, Any]:
         """Load chunks *ids* of file *path* into the pool, up to WARM_CONCURRENCY at a time."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from dataclasses import dataclass
 
 import fsspec
@@ -20,6 +21,8 @@ import xxhash
 from fsspec.spec import AbstractFileSystem
 
 from sdcache.errors import SdcacheError, StaleSource, Unavailable
+
+from .metrics import UNDERSTORE_REQUEST_SECONDS
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +75,7 @@ class UnderStore:
         """
         with self._lock:
             self.stats.reads += 1
+        t0 = time.perf_counter()
         try:
             fs, path = self._resolve(src)
             data = fs.cat_file(path, start=offset, end=offset + length)
@@ -84,8 +88,10 @@ class UnderStore:
         except Exception as e:  # noqa: BLE001 - any backend failure is "cannot read"
             with self._lock:
                 self.stats.errors += 1
-            log.warning("under-store read of %s failed: %s", src, e)
+            log.warning("under-store read of %s failed: %s", src, e, extra={"chunk": chunk_id, "source": src})
             raise Unavailable(f"cannot read {src}: {type(e).__name__}: {e}") from e
+        finally:
+            UNDERSTORE_REQUEST_SECONDS.observe(time.perf_counter() - t0)
         with self._lock:
             self.stats.read_bytes += len(data)
         if len(data) != length or xxhash.xxh3_128_hexdigest(data) != chunk_id:

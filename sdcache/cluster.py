@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import auth, errors
+from . import auth, errors, logs
 from .tls import Credentials, TlsFiles
 from .units import format_size, parse_size
 
@@ -245,6 +245,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nodes", type=int, default=2, help="cache nodes to start (default 2)")
     p.add_argument("--capacity", help="capacity of each node (default: a quarter of free /dev/shm, split)")
     p.add_argument("--pool-root", default="", help="parent of the nodes' pool directories (default under /dev/shm)")
+    logs.add_argument(p)  # handed to the metadata service and every node
 
 
 def main(args: argparse.Namespace) -> int:
@@ -252,8 +253,10 @@ def main(args: argparse.Namespace) -> int:
         raise errors.InvalidArgument("--nodes must be at least 1")
     capacity = parse_size(args.capacity) if args.capacity else default_capacity(args.nodes)
     pool_root = args.pool_root or os.path.join("/dev/shm", "sdcache-up")
+    log_format = ["--log-format", args.log_format] if getattr(args, "log_format", "text") != "text" else []
     cluster = LocalCluster(os.path.abspath(args.data), nodes=args.nodes, capacity=capacity,
-                           meta_listen=args.listen, heartbeat_interval=1.0, pool_root=pool_root)
+                           meta_listen=args.listen, heartbeat_interval=1.0, pool_root=pool_root,
+                           meta_args=list(log_format), node_args=list(log_format))
     stop = False
 
     def on_signal(signum: int, frame: Any) -> None:

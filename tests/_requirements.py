@@ -1,7 +1,7 @@
 """What a test needs from the machine, and whether lacking it is a skip or a failure.
 
 One policy for every optional capability the tests use (FUSE mounts, torch, diffusers,
-the Triton interpreter, the CPU flash kernel, bf16 on CPU, CUDA):
+the Triton interpreter, the CPU flash kernel, bf16 on CPU, CUDA, a Prometheus server):
 
 - ``SDCACHE_REQUIRE`` is a comma list of requirement names that this machine must have
   (``.ci/run`` sets it to everything CI has). A listed requirement that is missing makes
@@ -139,6 +139,19 @@ def _probe_fuse() -> Missing | None:
             pass
 
 
+def _probe_prometheus() -> Missing | None:
+    exe = shutil.which("prometheus")
+    if not exe or not shutil.which("promtool"):
+        return Missing(f"{'promtool' if exe else 'the prometheus binary'} is not on PATH")
+    try:
+        proc = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return Missing(f"{exe} --version did not run: {exc}")
+    if proc.returncode != 0:
+        return Missing(f"{exe} --version exited {proc.returncode}: {' '.join(proc.stderr.split())[-200:]}")
+    return None
+
+
 def _probe_cpu_kernels() -> Missing | None:
     torch_missing = _import_probe("torch")()
     if torch_missing:
@@ -199,6 +212,8 @@ REQUIREMENTS: dict[str, Requirement] = {r.name: r for r in [
                 "bash scripts/install.sh (or: pip install -e '.[triton]')", _import_probe("triton")),
     Requirement("cpu-kernels", "the AVX512-BF16 CPU flash attention kernel (built on first use)",
                 "bash scripts/install.sh (apt-get install g++ ninja-build python3-dev)", _probe_cpu_kernels),
+    Requirement("prometheus", "a Prometheus server and promtool",
+                "bash scripts/install.sh (apt-get install prometheus)", _probe_prometheus),
     Requirement("cpu-bf16", "bf16 on CPU (oneDNN)", "a CPU with AVX512 BW/VL/DQ", _probe_cpu_bf16,
                 installable=False),
     Requirement("cuda", "a CUDA GPU", "an NVIDIA GPU and a CUDA build of torch", _probe_cuda, installable=False),

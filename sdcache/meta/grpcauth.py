@@ -122,7 +122,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                     break
             self.verifier.check(token, need)
         except errors.SdcacheError as exc:
-            log.info("refused %s: %s", method, exc)
+            log.info("refused %s: %s", method, exc, extra={"method": method})
+            from . import metrics  # here: only the metadata service runs this interceptor
+
+            metrics.RPC_ERRORS.labels(method.rsplit("/", 1)[-1], exc.grpc_code).inc()
             return _deny(handler, exc)
         wrapped = self._parsing.get(method)
         if wrapped is None:

@@ -14,12 +14,14 @@ from pathlib import Path
 
 import grpc
 
-from .. import tls
+from .. import logs, tls
+from .. import metrics as sdc_metrics
 from ..errors import InvalidArgument, SdcacheError, Unavailable
 from .._proto import meta_pb2_grpc
 from ..store.sqlite import SqliteStore
-from . import grpcauth
+from . import grpcauth, health
 from .fanout import Fanout
+from .metrics import MetaCollector
 from .nodeclient import NodeClient
 from .servicer import MetaServicer
 from .tokens import TokenAuthority
@@ -59,6 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--insecure-no-auth", action="store_true",
                         help="accept every call without a token (warned on every start; never on a shared network)")
     tls.add_server_arguments(parser)
+    sdc_metrics.add_argument(parser, "needs a read token; HTTPS with --tls-cert")
+    logs.add_argument(parser)
 
 
 def _split_listen(listen: str) -> tuple[str, int]:
@@ -99,6 +103,7 @@ async def serve(
     token_key: str | None = None,
     tls_files: tls.TlsFiles | None = None,
     require_client_cert: bool = False,
+    metrics_listen: str | None = None,
 ) -> None:
     """Run the metadata service until cancelled, then stop cleanly.
 
@@ -107,8 +112,12 @@ async def serve(
     ``HOST:PORT`` once the service accepts calls (useful with port 0).
     Tokens are signed with *token_key* (default ``data_dir/token.key``); on the
     first start an admin token is written to ``data_dir/admin.token``.
+    With *metrics_listen* (``HOST:PORT``) Prometheus metrics are served there
+    (:mod:`sdcache.meta.metrics`), to ``read`` tokens, over HTTPS when TLS is on.
     """
     host, port = _split_listen(listen)
+    if metrics_listen:
+        sdc_metrics.split_listen(metrics_listen)
     _check_bindable(host, port)
     if heartbeat_interval <= 0:
         raise InvalidArgument(f"heartbeat interval must be positive, got {heartbeat_interval}")
@@ -130,14 +139,32 @@ async def serve(
                 store, Fanout(client), heartbeat_interval=heartbeat_interval, store_url=store_url,
                 authority=authority,
             )
+            metrics_server = None
             try:
+                metrics_server = _metrics_server(servicer, metrics_listen, tls_files, require_client_cert)
                 await _run_server(servicer, listen, host, ready, tls_files, require_client_cert)
             finally:
+                if metrics_server is not None:
+                    await asyncio.to_thread(metrics_server.stop)
                 servicer.close()
         finally:
             await client.close()
     finally:
         store.close()
+
+
+def _metrics_server(servicer: MetaServicer, listen: str | None, tls_files: tls.TlsFiles | None,
+                    require_client_cert: bool) -> sdc_metrics.MetricsServer | None:
+    """``--metrics-listen``: scrapes need a ``read`` token this service's verifier accepts."""
+    if not listen:
+        return None
+    verifier = servicer.authority.verifier
+    ssl_context = tls_files.server_context(require_client_cert=require_client_cert) if tls_files and tls_files.cert \
+        else None
+    server = sdc_metrics.MetricsServer(listen, sdc_metrics.Exposition(MetaCollector(servicer)),
+                                       lambda token: verifier.check(token, "read"), ssl_context=ssl_context)
+    server.start()
+    return server
 
 
 def _store_url(data: Path, store_url: str | None) -> str:
@@ -169,6 +196,8 @@ async def _run_server(servicer: MetaServicer, listen: str, host: str, ready: Cal
         ]
     )
     meta_pb2_grpc.add_MetaServicer_to_server(servicer, server)
+    health_servicer = health.add_health(server)
+    await health.report(health_servicer, health.NOT_SERVING)  # until it listens
     try:
         try:
             port = grpcauth.add_port(server, listen, tls_files, require_client_cert=require_client_cert)
@@ -177,6 +206,7 @@ async def _run_server(servicer: MetaServicer, listen: str, host: str, ready: Cal
         if not port:
             raise Unavailable(f"cannot listen on {listen}: address in use or not available")
         await server.start()
+        await health.report(health_servicer, health.SERVING)
         address = f"{host}:{port}"
         log.info("metadata service on %s (%s, auth %s), store %s", address, "TLS" if tls_files else "plaintext",
                  "on" if servicer.authority.enabled else "OFF", servicer.store_url)
@@ -186,6 +216,8 @@ async def _run_server(servicer: MetaServicer, listen: str, host: str, ready: Cal
         # own shutdown future, and stop() below would then fail.
         await asyncio.Event().wait()
     finally:
+        # Watchers and probes see NOT_SERVING before the port closes.
+        await health.shutting_down(health_servicer)
         await server.stop(STOP_GRACE)
 
 
@@ -217,6 +249,7 @@ async def _serve_until_signal(args: argparse.Namespace) -> None:
             token_key=args.token_key,
             tls_files=tls.TlsFiles.resolve(args.tls_cert, args.tls_key, args.tls_ca, env={}),
             require_client_cert=args.tls_require_client_cert,
+            metrics_listen=getattr(args, "metrics_listen", None),
         )
     )
     stopper = asyncio.create_task(stop.wait())
@@ -234,6 +267,7 @@ async def _serve_until_signal(args: argparse.Namespace) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run ``sdcache meta`` until SIGTERM or SIGINT; 0 on a clean stop, 1 with one line on error."""
+    logs.configure(getattr(args, "log_format", "text"))
     try:
         asyncio.run(_serve_until_signal(args))
     except (SdcacheError, OSError) as exc:

@@ -25,7 +25,7 @@ from .._proto import meta_pb2_grpc
 from ..manifest import Manifest
 from ..placement import NodeInfo
 from ..store.base import MetaStore, NodeRecord
-from . import convert
+from . import convert, metrics
 from .fanout import Fanout, WarmStatus
 from .tokens import TokenAuthority
 
@@ -47,16 +47,27 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
     await context.abort(code, details, trailing_metadata=trailer)
 
 
+def _code_name(exc: BaseException) -> str:
+    """The gRPC status name a failure leaves as (what :func:`_abort` sends)."""
+    return exc.grpc_code if isinstance(exc, errors.SdcacheError) else "INTERNAL"
+
+
 def _unary(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    """Send any exception of a unary handler as its status code."""
+    """Send any exception of a unary handler as its status code; time it and count its errors."""
+    method = fn.__name__
+    seconds = metrics.RPC_SECONDS.labels(method)
 
     @functools.wraps(fn)
     async def handler(self: MetaServicer, request: Any, context: grpc.aio.ServicerContext) -> T:
+        t0 = time.perf_counter()
         try:
             return await fn(self, request, context)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status
+            metrics.RPC_ERRORS.labels(method, _code_name(exc)).inc()
             await _abort(context, exc)
             raise AssertionError("unreachable: abort raises")
+        finally:
+            seconds.observe(time.perf_counter() - t0)
 
     return handler
 
@@ -100,6 +111,10 @@ class MetaServicer(meta_pb2_grpc.MetaServicer):
 
     async def _read(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._readers, fn, *args)
+
+    def read_blocking(self, fn: Callable[..., T], *args: Any, timeout: float) -> T:
+        """*fn* on a reader thread, called from a thread other than the event loop's (a metrics scrape)."""
+        return self._readers.submit(fn, *args).result(timeout)
 
     async def _write(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._writer, fn, *args)
@@ -153,7 +168,8 @@ class MetaServicer(meta_pb2_grpc.MetaServicer):
     async def RegisterNode(self, request: pb.Node, context: grpc.aio.ServicerContext) -> pb.RegisterResponse:
         node = convert.node_from_proto(request, time.time())
         await self._write(self.store.register_node, node)
-        log.info("node %s registered at %s (%d bytes, %s)", node.node_id, node.address, node.capacity, node.role)
+        log.info("node %s registered at %s (%d bytes, %s)", node.node_id, node.address, node.capacity, node.role,
+                 extra={"node": node.node_id, "method": "RegisterNode"})
         return pb.RegisterResponse(
             heartbeat_interval=self.heartbeat_interval,
             pins_generation=await self._read(self.store.pins_generation),
@@ -254,6 +270,7 @@ class MetaServicer(meta_pb2_grpc.MetaServicer):
     async def Warmup(
         self, request: pb.WarmupRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.WarmupProgress]:
+        t0 = time.perf_counter()
         try:
             files = await self._resolve(list(request.paths), request.recursive)
             nodes = [n.info() for n in await self._live_nodes()]
@@ -262,7 +279,10 @@ class MetaServicer(meta_pb2_grpc.MetaServicer):
             async for status in run(what, files, nodes):
                 yield _warm_to_proto(status)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status
+            metrics.RPC_ERRORS.labels("Warmup", _code_name(exc)).inc()
             await _abort(context, exc)
+        finally:
+            metrics.RPC_SECONDS.labels("Warmup").observe(time.perf_counter() - t0)
 
     @_unary
     async def Evict(self, request: pb.EvictRequest, context: grpc.aio.ServicerContext) -> pb.EvictResponse:
