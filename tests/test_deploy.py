@@ -391,7 +391,9 @@ def test_probes_name_the_listen_port_and_services_reach_it(overlay: str) -> None
         assert {"readinessProbe", "livenessProbe"} <= kinds, w["metadata"]["name"]
         for kind, probe in probes(c):
             if "httpGet" in probe:
-                assert probe["httpGet"]["port"] == port and probe["httpGet"]["path"] == "/healthz"
+                # Ready once registered and answering (/readyz); alive while serving (/healthz).
+                expected = "/readyz" if kind == "readinessProbe" else "/healthz"
+                assert probe["httpGet"]["port"] == port and probe["httpGet"]["path"] == expected, kind
             elif "grpc" in probe:
                 assert probe["grpc"]["port"] == port
             else:
@@ -663,6 +665,8 @@ class Kubelet:
             if proc.returncode == 0:
                 self.tmpfs.append(str(path))
             else:
+                # As root (CI) the mount must work: its failure is a failure, not a skip.
+                assert os.geteuid() != 0, f"mount -t tmpfs failed as root: {proc.stderr.strip()}"
                 free = shutil.disk_usage("/dev/shm").free
                 if size > free:
                     pytest.skip(f"a {volume['emptyDir']['sizeLimit']} memory emptyDir needs a tmpfs mount "

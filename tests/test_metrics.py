@@ -381,7 +381,8 @@ def test_mount_metrics_are_open_on_loopback_only() -> None:
 
 @pytest.mark.requires("torch", "diffusers")
 def test_runner_records_model_loads_lora_switches_and_denoising(tmp_path: Path) -> None:
-    torch = pytest.importorskip("torch")
+    import torch
+
     from sdcache.kernels.request import LoraRef, Request
     from sdcache.kernels.runner import Runner
 
