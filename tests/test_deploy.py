@@ -695,6 +695,8 @@ class Kubelet:
         argv = list(argv)
         if "--listen" in argv:
             argv[argv.index("--listen") + 1] = "127.0.0.1:0"
+        if "--metrics-listen" in argv:  # no fixed port, no wildcard address in a test
+            argv[argv.index("--metrics-listen") + 1] = "127.0.0.1:0"
         if meta and "--meta" in argv:
             assert argv[argv.index("--meta") + 1] == f"{META_SERVICE}:7070"
             argv[argv.index("--meta") + 1] = meta
