@@ -69,3 +69,64 @@ def table(title: str, rows: list[tuple[str, ...]], header: tuple[str, ...]) -> s
     out = [f"\n{title}", line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     out += [line(r) for r in rows]
     return "\n".join(out)
+
+
+def load_average() -> str:
+    """``1.2/3.4/5.6``: the 1, 5 and 15 minute load averages (quoted beside every figure)."""
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def write_random(path: str, size: int) -> None:
+    """A file of *size* random bytes (incompressible, every chunk distinct), unless one is there."""
+    if os.path.exists(path) and os.path.getsize(path) == size:
+        return
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(left, 4 << 20)
+            f.write(os.urandom(n))
+            left -= n
+
+
+def warm_cluster(data_dir: str, src: str, path: str, *, nodes: int, size: int, prefix: str,
+                 **options: Any) -> tuple[Any, str | None]:
+    """A started one-host cluster holding *src* as *path*, warm in every pool; and a read token for it.
+
+    *options* go to :class:`sdcache.cluster.LocalCluster` (``meta_args``, ``node_args``, ``env``).
+    The token is None when the cluster runs with ``--insecure-no-auth``.
+    """
+    import shutil
+    import tempfile
+
+    from sdcache.client.importer import import_file
+    from sdcache.client.metaclient import MetaClient
+    from sdcache.cluster import LocalCluster
+
+    shutil.rmtree(data_dir, ignore_errors=True)
+    cluster = LocalCluster(data_dir, nodes=nodes, capacity=max(64 << 20, int(size * 1.25)),
+                           pool_root=tempfile.mkdtemp(prefix=prefix, dir="/dev/shm"), **options)
+    cluster.start()
+    admin = MetaClient(cluster.meta_addr, credentials=cluster.credentials)
+    try:
+        import_file(admin, src, path)
+        for _ in admin.warmup([path]):
+            pass
+        # the reading client holds a read token, as a serving host would
+        name = f"bench-{os.getpid()}-{os.path.basename(data_dir)}"
+        token = admin.create_token("read", name=name).token if cluster.admin_token else None
+    finally:
+        admin.close()
+    return cluster, token
+
+
+def network_read(fs: Any, path: str, size: int) -> float:
+    """GB/s of one whole-file read through *fs*, checked to be all chunks from nodes over the network."""
+    before = dict(fs.fetcher.tiers)
+    t0 = time.perf_counter()
+    with fs.open(path, "rb") as f:
+        got = len(f.read())
+    dt = time.perf_counter() - t0
+    tiers = {k: v - before.get(k, 0) for k, v in fs.fetcher.tiers.items() if v - before.get(k, 0)}
+    if got != size or set(tiers) != {"node"}:
+        raise RuntimeError(f"read {got} of {size} bytes, chunks from {tiers}: not a network read")
+    return size / dt / 1e9

@@ -26,7 +26,6 @@ import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -34,11 +33,9 @@ sys.path.insert(0, HERE)
 sys.path.insert(1, os.path.dirname(HERE))  # the repository, for tests/_pki.py
 os.environ["SDCACHE_SHORT_CIRCUIT"] = "0"  # before any fetcher exists: chunks over the network
 
-from _common import machine, table  # noqa: E402
+from _common import load_average, machine, network_read, table, warm_cluster, write_random  # noqa: E402
 
 from sdcache.client.fs import SdcacheFileSystem  # noqa: E402
-from sdcache.client.importer import import_file  # noqa: E402
-from sdcache.client.metaclient import MetaClient  # noqa: E402
 from sdcache.cluster import LocalCluster  # noqa: E402
 from sdcache.tls import TlsFiles  # noqa: E402
 from sdcache.units import format_size, parse_size  # noqa: E402
@@ -46,19 +43,6 @@ from tests._pki import make_pki  # noqa: E402
 
 PATH = "/bench/auth.bin"
 VARIANTS = ("auth, plaintext", "no auth (--insecure-no-auth)", "auth, TLS")
-
-
-def _load() -> str:
-    return "/".join(f"{x:.1f}" for x in os.getloadavg())
-
-
-def _write_random(path: str, size: int) -> None:
-    with open(path, "wb") as f:
-        left = size
-        while left:
-            n = min(left, 4 << 20)
-            f.write(os.urandom(n))
-            left -= n
 
 
 def _cipher(address: str, tls: TlsFiles) -> str:
@@ -83,8 +67,7 @@ def main() -> None:
     size = parse_size(args.size)
     os.makedirs(args.workdir, exist_ok=True)
     src = os.path.join(args.workdir, f"random-{size}.bin")
-    if not os.path.exists(src) or os.path.getsize(src) != size:
-        _write_random(src, size)
+    write_random(src, size)
     pki = make_pki(os.path.join(args.workdir, "pki"), "bench_auth CA")
     tls_flags = ["--tls-cert", pki.server_cert, "--tls-key", pki.server_key, "--tls-ca", pki.ca]
     specs = {
@@ -92,28 +75,16 @@ def main() -> None:
         VARIANTS[1]: {"meta_args": ["--insecure-no-auth"]},
         VARIANTS[2]: {"meta_args": tls_flags, "node_args": tls_flags, "env": {"SDCACHE_TLS_CA": pki.ca}},
     }
-    load_before = _load()
+    load_before = load_average()
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     clusters: dict[str, LocalCluster] = {}
     fss: dict[str, SdcacheFileSystem] = {}
     cipher = ""
     try:
         for i, (name, spec) in enumerate(specs.items()):
-            data = os.path.join(args.workdir, f"cluster{i}")
-            shutil.rmtree(data, ignore_errors=True)
-            c = clusters[name] = LocalCluster(
-                data, nodes=args.nodes, capacity=max(64 << 20, int(size * 1.25)),
-                pool_root=tempfile.mkdtemp(prefix="bench-auth-", dir="/dev/shm"), **spec)
-            c.start()
-            admin = MetaClient(c.meta_addr, credentials=c.credentials)
-            try:
-                import_file(admin, src, PATH)
-                for _ in admin.warmup([PATH]):
-                    pass
-                # the reading client holds a read token, as a serving host would
-                token = admin.create_token("read", name=f"bench-{i}").token if c.admin_token else None
-            finally:
-                admin.close()
+            c, token = warm_cluster(os.path.join(args.workdir, f"cluster{i}"), src, PATH, nodes=args.nodes,
+                                    size=size, prefix="bench-auth-", **spec)
+            clusters[name] = c
             tls = TlsFiles(ca=pki.ca) if "TLS" in name else None
             fss[name] = SdcacheFileSystem(meta=c.meta_addr, token=token, tls_ca=tls and tls.ca,
                                           skip_instance_cache=True)
@@ -122,16 +93,10 @@ def main() -> None:
                 cipher = _cipher(c.node_children[0].address, tls)
 
         def read(name: str) -> float:
-            fs = fss[name]
-            before = dict(fs.fetcher.tiers)
-            t0 = time.perf_counter()
-            with fs.open(PATH, "rb") as f:
-                got = len(f.read())
-            dt = time.perf_counter() - t0
-            tiers = {k: v - before.get(k, 0) for k, v in fs.fetcher.tiers.items() if v - before.get(k, 0)}
-            if got != size or set(tiers) != {"node"}:
-                raise SystemExit(f"{name}: read {got} of {size} bytes, chunks from {tiers}: not a network read")
-            return size / dt / 1e9
+            try:
+                return network_read(fss[name], PATH, size)
+            except RuntimeError as exc:
+                raise SystemExit(f"{name}: {exc}") from None
 
         for name in VARIANTS:  # connections (and TLS sessions) set up outside the timed rounds
             read(name)
@@ -145,7 +110,7 @@ def main() -> None:
         for c in clusters.values():
             c.stop()
             shutil.rmtree(c.pool_root, ignore_errors=True)
-    load_after = _load()
+    load_after = load_average()
 
     med = {n: statistics.median(r[n] for r in rounds) for n in VARIANTS}
     best = {n: max(r[n] for r in rounds) for n in VARIANTS}

@@ -23,30 +23,16 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 os.environ["SDCACHE_SHORT_CIRCUIT"] = "0"  # before any fetcher exists: chunks over the network
 
-from _common import machine, table  # noqa: E402
+from _common import load_average, machine, network_read, table, warm_cluster, write_random  # noqa: E402
 
 PATH = "/bench/metrics.bin"
 VARIANTS = ("metrics on", "SDCACHE_METRICS=0")
-
-
-def _load() -> str:
-    return "/".join(f"{x:.1f}" for x in os.getloadavg())
-
-
-def _write_random(path: str, size: int) -> None:
-    with open(path, "wb") as f:
-        left = size
-        while left:
-            n = min(left, 4 << 20)
-            f.write(os.urandom(n))
-            left -= n
 
 
 def worker(meta: str, token: str, size: int) -> None:
@@ -58,17 +44,10 @@ def worker(meta: str, token: str, size: int) -> None:
     fs.fetcher.short_circuit = False
     print(json.dumps({"metrics": metrics.ENABLED}), flush=True)
     for _ in sys.stdin:
-        before = dict(fs.fetcher.tiers)
-        t0 = time.perf_counter()
-        with fs.open(PATH, "rb") as f:
-            got = len(f.read())
-        dt = time.perf_counter() - t0
-        tiers = {k: v - before.get(k, 0) for k, v in fs.fetcher.tiers.items() if v - before.get(k, 0)}
-        if got != size or set(tiers) != {"node"}:
-            print(json.dumps({"error": f"read {got} of {size} bytes, chunks from {tiers}: not a network read"}),
-                  flush=True)
-            continue
-        print(json.dumps({"gbs": size / dt / 1e9}), flush=True)
+        try:
+            print(json.dumps({"gbs": network_read(fs, PATH, size)}), flush=True)
+        except RuntimeError as exc:
+            print(json.dumps({"error": str(exc)}), flush=True)
 
 
 class Reader:
@@ -100,8 +79,6 @@ class Reader:
 
 
 def main() -> None:
-    from sdcache.client.importer import import_file
-    from sdcache.client.metaclient import MetaClient
     from sdcache.cluster import LocalCluster
     from sdcache.units import format_size, parse_size
 
@@ -114,30 +91,17 @@ def main() -> None:
     size = parse_size(args.size)
     os.makedirs(args.workdir, exist_ok=True)
     src = os.path.join(args.workdir, f"random-{size}.bin")
-    if not os.path.exists(src) or os.path.getsize(src) != size:
-        _write_random(src, size)
+    write_random(src, size)
     switch = ({"SDCACHE_METRICS": "1"}, {"SDCACHE_METRICS": "0"})  # per variant, for every process of it
-    load_before = _load()
+    load_before = load_average()
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     clusters: dict[str, LocalCluster] = {}
     readers: dict[str, Reader] = {}
     try:
         for i, name in enumerate(VARIANTS):
-            data = os.path.join(args.workdir, f"cluster{i}")
-            shutil.rmtree(data, ignore_errors=True)
-            c = clusters[name] = LocalCluster(
-                data, nodes=args.nodes, capacity=max(64 << 20, int(size * 1.25)),
-                pool_root=tempfile.mkdtemp(prefix="bench-metrics-", dir="/dev/shm"),
-                env=switch[i])
-            c.start()
-            admin = MetaClient(c.meta_addr, credentials=c.credentials)
-            try:
-                import_file(admin, src, PATH)
-                for _ in admin.warmup([PATH]):
-                    pass
-                token = admin.create_token("read", name=f"bench-{i}").token  # as a serving host would
-            finally:
-                admin.close()
+            c, token = warm_cluster(os.path.join(args.workdir, f"cluster{i}"), src, PATH, nodes=args.nodes,
+                                    size=size, prefix="bench-metrics-", env=switch[i])
+            clusters[name] = c
             env = {**os.environ, **switch[i]}
             readers[name] = Reader(c.meta_addr, token, size, env)
             if readers[name].enabled != (i == 0):
@@ -156,7 +120,7 @@ def main() -> None:
         for c in clusters.values():
             c.stop()
             shutil.rmtree(c.pool_root, ignore_errors=True)
-    load_after = _load()
+    load_after = load_average()
 
     med = {n: statistics.median(r[n] for r in rounds) for n in VARIANTS}
     best = {n: max(r[n] for r in rounds) for n in VARIANTS}
