@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -55,6 +54,7 @@ from sdcache import metrics as sdc_metrics
 from sdcache import paths as cache_paths
 from sdcache.chunking import CHUNK_SIZE
 from sdcache.errors import InvalidArgument, NotFound, SdcacheError, Unavailable, error_name
+from sdcache.hashing import is_chunk_id
 
 from .metrics import NodeCollector
 from .service import RETRY_AFTER_S, ChunkService
@@ -65,7 +65,6 @@ MAX_BODY = 8 << 20  # /warm, /has and /evict list up to ~100,000 ids
 MAX_IDS = 100_000  # ids one request may name
 HIT_HEADER = "X-Sdcache-Hit"
 _OCTETS = "application/octet-stream"
-_HEX = re.compile(r"[0-9a-f]{32}")
 
 
 def _check_ids(ids: Any, what: str) -> list[str]:
@@ -77,7 +76,7 @@ def _check_ids(ids: Any, what: str) -> list[str]:
 
 
 def _check_id(chunk_id: Any) -> str:
-    if not isinstance(chunk_id, str) or not _HEX.fullmatch(chunk_id):
+    if not isinstance(chunk_id, str) or not is_chunk_id(chunk_id):
         raise InvalidArgument(f"not a chunk id (32 lowercase hex digits): {chunk_id!r}")
     return chunk_id
 
@@ -118,7 +117,8 @@ def _auth(verifier: auth.TokenVerifier) -> Callable[..., Any]:
         resource = request.match_info.route.resource
         if resource is None:  # 404/405: aiohttp answers, nothing is read
             return await handler(request)
-        need = auth.HTTP_ROLES.get((request.method, resource.canonical), "admin")  # a route missing from the table is admin-only
+        # A route missing from the table is admin-only.
+        need = auth.HTTP_ROLES.get((request.method, resource.canonical), "admin")
         if need is not None and verifier.enabled and not verifier.ready:
             raise Unavailable("this node has not loaded its token keys from the metadata service yet")
         verifier.check(auth.bearer(request.headers.get("Authorization")), need)

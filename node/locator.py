@@ -107,7 +107,8 @@ class SourceLocator:
             self.lookups += 1
             assert self._get is not None
             m = await self._get(path)
-            source = m.source or (self._store_url().rstrip("/") + m.path if self._store_url() else "")
+            store = self._store_url()
+            source = m.source or (store.rstrip("/") + m.path if store else "")
             if not source:
                 raise Unavailable(f"{path} has no source and the metadata service named no store")
             if self.allowed and not any(_as_url(source).startswith(_as_url(p)) for p in self.allowed):

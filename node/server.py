@@ -24,6 +24,7 @@ from sdcache import DEFAULT_META, auth, logs, tls
 from sdcache._proto import meta_pb2 as pb
 from sdcache.errors import CapacityExceeded, InvalidArgument, SdcacheError
 from sdcache.hostid import host_id
+from sdcache.hostport import join_hostport, split_hostport
 from sdcache.units import format_size, parse_size
 
 from .http import NodeApp
@@ -40,18 +41,6 @@ KEEPALIVE_S = 75.0
 
 
 # --------------------------------------------------------------------------- the server
-
-
-def split_hostport(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[v6]:PORT`` too) to (host, port)."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        raise InvalidArgument(f"not HOST:PORT: {text!r}")
-    return host.strip("[]") or "127.0.0.1", int(port)
-
-
-def join_hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _free_bytes(path: str) -> int:
@@ -160,7 +149,7 @@ class NodeServer:
 
     async def start(self) -> str:
         """Bind, load the pool, serve; returns the HOST:PORT listened on."""
-        host, port = split_hostport(self.listen)
+        host, port = split_hostport(self.listen, what="--listen")
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         family, _, _, _, sockaddr = infos[0]
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -305,7 +294,7 @@ def main(args: argparse.Namespace) -> int:
     logs.configure(getattr(args, "log_format", "text"))
     try:
         capacity = parse_size(args.capacity)
-        split_hostport(args.listen)
+        split_hostport(args.listen, what="--listen")
         credentials = tls.Credentials(
             None if args.insecure_no_auth else auth.resolve_token(args.token_file),
             tls.TlsFiles.resolve(args.tls_cert, args.tls_key, args.tls_ca, env={}),

@@ -188,11 +188,16 @@ class Claims:
     kid: str
 
 
+def expiry(issued: int, ttl: float) -> int:
+    """When a token issued at *issued* with lifetime *ttl* expires (whole seconds; 0 = never)."""
+    return issued + max(1, int(ttl)) if ttl > 0 else 0
+
+
 def mint(key: Ed25519PrivateKey, name: str, role: str, *, ttl: float = 0, now: float | None = None) -> str:
     """A new signed token for *name* with *role*, valid for *ttl* seconds (0 = forever)."""
     check_role(role)
     issued = int(now if now is not None else time.time())
-    expires = issued + max(1, int(ttl)) if ttl > 0 else 0
+    expires = expiry(issued, ttl)
     payload = {"kid": key_id(key.public_key()), "n": name, "r": role, "iat": issued, "exp": expires,
                "j": secrets.token_hex(4)}  # two tokens of one name and second differ
     body = f"{PREFIX}.{_b64(json.dumps(payload, separators=(',', ':'), sort_keys=True).encode())}"

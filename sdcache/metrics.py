@@ -40,6 +40,7 @@ import prometheus_client
 from prometheus_client.registry import Collector
 
 from . import auth, errors
+from .hostport import split_hostport
 
 log = logging.getLogger(__name__)
 
@@ -124,11 +125,8 @@ class Exposition:
 
 
 def split_listen(listen: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[v6]:PORT`` too; port 0 picks one) to (host, port)."""
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise errors.InvalidArgument(f"--metrics-listen wants HOST:PORT, got {listen!r}")
-    return host.strip("[]") or "127.0.0.1", int(port)
+    """A ``--metrics-listen`` value to (host, port)."""
+    return split_hostport(listen, what="--metrics-listen")
 
 
 def is_loopback(host: str) -> bool:

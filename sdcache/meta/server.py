@@ -17,6 +17,7 @@ import grpc
 from .. import logs, tls
 from .. import metrics as sdc_metrics
 from ..errors import InvalidArgument, SdcacheError, Unavailable
+from ..hostport import join_hostport, split_hostport
 from .._proto import meta_pb2_grpc
 from ..store.sqlite import SqliteStore
 from . import grpcauth, health
@@ -65,13 +66,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     logs.add_argument(parser)
 
 
-def _split_listen(listen: str) -> tuple[str, int]:
-    host, _, port = listen.rpartition(":")
-    if not host or not port.isdigit():
-        raise InvalidArgument(f"--listen wants HOST:PORT, got {listen!r}")
-    return host, int(port)
-
-
 def _check_bindable(host: str, port: int) -> None:
     """Fail with one clear line if *host*:*port* cannot be bound.
 
@@ -80,7 +74,7 @@ def _check_bindable(host: str, port: int) -> None:
     if port == 0:
         return
     try:
-        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         raise Unavailable(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     family, kind, proto, _, addr = infos[0]
@@ -115,7 +109,7 @@ async def serve(
     With *metrics_listen* (``HOST:PORT``) Prometheus metrics are served there
     (:mod:`sdcache.meta.metrics`), to ``read`` tokens, over HTTPS when TLS is on.
     """
-    host, port = _split_listen(listen)
+    host, port = split_hostport(listen, what="--listen", default_host=None)
     if metrics_listen:
         sdc_metrics.split_listen(metrics_listen)
     _check_bindable(host, port)
@@ -207,7 +201,7 @@ async def _run_server(servicer: MetaServicer, listen: str, host: str, ready: Cal
             raise Unavailable(f"cannot listen on {listen}: address in use or not available")
         await server.start()
         await health.report(health_servicer, health.SERVING)
-        address = f"{host}:{port}"
+        address = join_hostport(host, port)
         log.info("metadata service on %s (%s, auth %s), store %s", address, "TLS" if tls_files else "plaintext",
                  "on" if servicer.authority.enabled else "OFF", servicer.store_url)
         if ready is not None:

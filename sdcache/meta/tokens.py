@@ -68,11 +68,9 @@ class TokenAuthority:
         if ttl < 0:
             raise InvalidArgument("ttl must be 0 (never expires) or positive")
         name = auth.check_name(name or f"{role}-{secrets.token_hex(4)}")
-        now = time.time()
-        token = auth.mint(self.key, name, role, ttl=ttl, now=now)
-        claims = self.verifier.verify(token, now=now) if self.verifier.enabled else None
-        expires = float(claims.expires) if claims else (now + ttl if ttl else 0.0)
-        record = TokenRecord(name, role, float(int(now)), expires, 0.0)
+        issued = int(time.time())
+        token = auth.mint(self.key, name, role, ttl=ttl, now=issued)
+        record = TokenRecord(name, role, float(issued), float(auth.expiry(issued, ttl)), 0.0)
         self.store.add_token(record)
         log.info("issued %s token %r", role, name)
         return token, record
