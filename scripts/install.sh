@@ -5,6 +5,7 @@
 #   g++ ninja-build                the CPU flash kernel, built on first use by torch.utils.cpp_extension
 #   iproute2 openssl               network namespaces and TLS certificates in the tests
 #   prometheus                     a real Prometheus server scraping a test cluster (tests/test_prometheus.py)
+#   postgresql                     a real PostgreSQL for the metadata store tests (initdb in a temp dir)
 #   python3-dev python3-pip        Python.h for those builds and pip itself, when the interpreter lacks them
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,7 +34,7 @@ assert os.path.exists(os.path.join(sysconfig.get_path("include"), "Python.h"))' 
 if command -v apt-get >/dev/null; then
     export DEBIAN_FRONTEND=noninteractive
     apt=($SUDO apt-get -qq -y -o Acquire::Retries=3 -o DPkg::Lock::Timeout=300)
-    packages=(fuse3 libfuse3-dev pkg-config g++ ninja-build iproute2 openssl prometheus)
+    packages=(fuse3 libfuse3-dev pkg-config g++ ninja-build iproute2 openssl prometheus postgresql)
     if ! has_pip_and_headers; then packages+=(python3 python3-dev python3-pip); fi
     retry "${apt[@]}" update
     retry "${apt[@]}" install "${packages[@]}" >/dev/null
@@ -61,7 +62,7 @@ fi
 
 # torch first, pinned to the CPU build this image ships, so no extra pulls a CUDA build.
 "${pip[@]}" 'torch==2.13.0' || "${pip[@]}" 'torch>=2.3'
-"${pip[@]}" -e '.[test,s3,fuse,runner,triton]'
+"${pip[@]}" -e '.[test,s3,fuse,runner,triton,postgres]'
 # The CLIP BPE vocabulary ships inside open_clip_torch; only that file is read, so skip its
 # dependencies (its torchvision pin would pull a second, CUDA torch).
 "${pip[@]}" --no-deps open_clip_torch

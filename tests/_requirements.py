@@ -199,6 +199,30 @@ def _probe_cuda() -> Missing | None:
     return None if torch.cuda.is_available() else Missing("no CUDA device", hardware=True)
 
 
+def postgres_bindir() -> str | None:
+    """The folder holding initdb and pg_ctl: PATH first, else Debian's /usr/lib/postgresql/N/bin (newest)."""
+    exe = shutil.which("initdb")
+    if exe and shutil.which("pg_ctl"):
+        return os.path.dirname(os.path.realpath(exe))
+    import glob
+
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]) if p.split("/")[4].isdigit() else 0)
+    return os.path.dirname(found[-1]) if found else None
+
+
+def _probe_postgres() -> Missing | None:
+    missing = _import_probe("psycopg", "psycopg_pool")()
+    if missing:
+        return missing
+    bindir = postgres_bindir()
+    if bindir is None:
+        return Missing("initdb is neither on PATH nor under /usr/lib/postgresql/*/bin")
+    for tool in ("postgres", "pg_ctl"):
+        if not os.path.exists(os.path.join(bindir, tool)):
+            return Missing(f"{tool} is missing from {bindir}")
+    return None
+
+
 REQUIREMENTS: dict[str, Requirement] = {r.name: r for r in [
     Requirement("fuse", "FUSE mounts",
                 "bash scripts/install.sh (apt-get install fuse3 libfuse3-dev pkg-config; pip install -e '.[fuse]')",
@@ -214,6 +238,11 @@ REQUIREMENTS: dict[str, Requirement] = {r.name: r for r in [
                 "bash scripts/install.sh (apt-get install g++ ninja-build python3-dev)", _probe_cpu_kernels),
     Requirement("prometheus", "a Prometheus server and promtool",
                 "bash scripts/install.sh (apt-get install prometheus)", _probe_prometheus),
+    Requirement("postgres", "a PostgreSQL server (initdb, pg_ctl) and psycopg 3",
+                "bash scripts/install.sh (apt-get install postgresql; pip install 'psycopg[binary,pool]')",
+                _probe_postgres),
+    Requirement("webuiapi", "the webuiapi A1111 client from PyPI",
+                "bash scripts/install.sh (or: pip install -e '.[test]')", _import_probe("webuiapi")),
     Requirement("cpu-bf16", "bf16 on CPU (oneDNN)", "a CPU with AVX512 BW/VL/DQ", _probe_cpu_bf16,
                 installable=False),
     Requirement("cuda", "a CUDA GPU", "an NVIDIA GPU and a CUDA build of torch", _probe_cuda, installable=False),

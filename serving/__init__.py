@@ -1,0 +1,6 @@
+"""Serving: the A1111-compatible ``sdcache serve``, its queue, the ``gateway`` and the runner registry client.
+
+Installed as ``sdcache.serving``. The gateway routes and never imports torch or
+``sdcache.kernels``; the routing policy itself is pure core
+(:mod:`sdcache.routing`), shared with ``sdcache simulate``.
+"""
