@@ -1,4 +1,4 @@
-"""The runner's Prometheus metrics (module-level; no endpoint until ``sdcache serve`` exists).
+"""The runner's Prometheus metrics (module-level; ``sdcache serve`` exposes them on its ``/metrics``).
 
 ========================================================= ===============================================
 ``sdcache_runner_model_load_seconds{tier}``               histogram: one observation per model file a
@@ -11,8 +11,8 @@
                                                           (:class:`.lora.LoraPatcher`)
 ``sdcache_runner_denoise_seconds``                        histogram of pipeline calls (text encoding,
                                                           denoising loop, VAE decode)
-``sdcache_runner_queue_depth``                            requests waiting (set by ``serve``'s queue)
-``sdcache_runner_queue_wait_seconds``                     histogram of time in that queue
+
+The queue's metrics (``sdcache_runner_queue_*``) live in :mod:`sdcache.serving.metrics`.
 ========================================================= ===============================================
 """
 
@@ -34,9 +34,6 @@ LORA_SWITCH_SECONDS = metrics.histogram(
 DENOISE_SECONDS = metrics.histogram(
     "sdcache_runner_denoise_seconds", "Seconds per pipeline call: text encoding, denoising loop, VAE decode.",
     buckets=STEP_BUCKETS)
-QUEUE_DEPTH = metrics.gauge("sdcache_runner_queue_depth", "Requests waiting in the runner's queue.")
-QUEUE_WAIT_SECONDS = metrics.histogram(
-    "sdcache_runner_queue_wait_seconds", "Seconds a request waited in the runner's queue.", buckets=LOAD_BUCKETS)
 
 #: Children bound once, one per tier.
 LOAD_SECONDS_BY_TIER = {t: MODEL_LOAD_SECONDS.labels(t) for t in TIERS}

@@ -92,6 +92,11 @@ class ByteLRU(Generic[V]):
         with self._lock:
             return list(self._items)
 
+    def entries(self) -> list[tuple[Hashable, int]]:
+        """(key, bytes) of every entry, least recently used first (what a runner reports to the router)."""
+        with self._lock:
+            return [(k, e.nbytes) for k, e in self._items.items()]
+
     def get(self, key: Hashable) -> V | None:
         """The value for *key* (now most recently used), or None."""
         with self._lock:

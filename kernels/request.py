@@ -8,12 +8,15 @@ and diffusers are even imported.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from sdcache import errors
 
-SCHEDULERS = ("euler", "euler_a", "dpmpp_2m", "ddim")
+SCHEDULERS = ("euler", "euler_a", "dpmpp_2m", "ddim", "dpmpp_2m_sde", "dpmpp_sde", "heun", "dpm2", "dpm2_a", "unipc",
+              "pndm")
+#: Those with a Karras-sigmas variant, named ``<scheduler>_karras`` (kept in step with kernels/pipeline.py).
+KARRAS_SCHEDULERS = ("euler", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_sde", "heun", "dpm2", "dpm2_a")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
@@ -36,7 +39,7 @@ class Request:
     negative_prompt: str = ""
     loras: list[LoraRef] = field(default_factory=list)
     controlnet: str | None = None
-    control_image: str | None = None
+    control_image: Any = None  # a path or URL (``sdcache run``), or an image already decoded (PIL, ``serve``)
     controlnet_scale: float = 1.0
     steps: int = 20
     guidance: float = 7.5
@@ -45,6 +48,9 @@ class Request:
     scheduler: str = "euler"
     prediction_type: str = "auto"
     out: str | None = None
+    init_image: Any = None  # img2img: the decoded start image (PIL); None for txt2img
+    strength: float = 0.75  # img2img: how much of the schedule re-noises the start image (A1111's denoising_strength)
+    batch_size: int = 1  # images made together, seeds seed, seed+1, ... (A1111's batch_size)
 
     def validate(self) -> None:
         """Raise :class:`~sdcache.errors.InvalidArgument` (one line) for a request that cannot run."""
@@ -56,24 +62,32 @@ class Request:
                 raise errors.InvalidArgument(f"--size {w}x{h}: width and height must be positive multiples of 8")
         if self.steps < 1:
             raise errors.InvalidArgument(f"--steps {self.steps}: needs at least 1 step")
-        if self.scheduler not in SCHEDULERS:
+        base = self.scheduler.removesuffix("_karras")
+        if base not in SCHEDULERS or (base != self.scheduler and base not in KARRAS_SCHEDULERS):
             raise errors.InvalidArgument(f"--scheduler {self.scheduler}: choose one of {', '.join(SCHEDULERS)}")
         if self.prediction_type not in PREDICTION_TYPES:
             raise errors.InvalidArgument(
                 f"--prediction-type {self.prediction_type}: choose one of {', '.join(PREDICTION_TYPES)}"
             )
-        if self.controlnet and not self.control_image:
+        if self.controlnet and self.control_image is None:
             raise errors.InvalidArgument(f"--controlnet {self.controlnet} needs --control-image PNG")
-        if self.control_image and not self.controlnet:
+        if self.control_image is not None and not self.controlnet:
             raise errors.InvalidArgument("--control-image given without --controlnet")
-        if self.control_image and "://" not in self.control_image:
+        if self.init_image is not None and not 0.0 < self.strength <= 1.0:
+            raise errors.InvalidArgument(f"denoising strength {self.strength}: must be within (0, 1]")
+        if self.batch_size < 1:
+            raise errors.InvalidArgument(f"batch size {self.batch_size}: needs at least 1 image")
+        if isinstance(self.control_image, str) and "://" not in self.control_image:
             import os
 
             if not os.path.isfile(self.control_image):
                 raise errors.NotFound(f"control image not found: {self.control_image}")
 
     def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
+        d = {f.name: getattr(self, f.name) for f in fields(self)}  # not asdict: it would deep-copy images
+        for key in ("init_image", "control_image"):
+            if d[key] is not None and not isinstance(d[key], str):
+                d[key] = "<image>"
         d["loras"] = [f"{lo.url}:{lo.scale:g}" for lo in self.loras]
         d["size"] = f"{self.size[0]}x{self.size[1]}" if self.size else None
         return d

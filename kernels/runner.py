@@ -72,12 +72,14 @@ class RunResult:
     tiers: list[TierRow]
     optimize: str  # "on", "off" or "unavailable"
     family: str
+    images: list["Image.Image"] = field(default_factory=list)  # the whole batch; ``image`` is the first
+    seeds: list[int] = field(default_factory=list)  # the seed of each image
 
     def to_json(self) -> dict[str, Any]:
         return {
             "seed": self.seed, "width": self.width, "height": self.height, "fetch_s": round(self.fetch_s, 4),
             "switch_s": round(self.switch_s, 4), "denoise_s": round(self.denoise_s, 4), "optimize": self.optimize,
-            "family": self.family,
+            "family": self.family, "seeds": self.seeds or [self.seed],
             "tiers": [{"component": r.component, "url": r.url, "tier": r.tier, "note": r.note} for r in self.tiers],
         }
 
@@ -192,34 +194,72 @@ class Runner:
         self._cn_sources: dict[str, sources.ControlNetSource] = {}
 
     # ------------------------------------------------------------ the request
-    def run(self, req: Request) -> RunResult:
-        """Produce the image for *req*. Raises :class:`~sdcache.errors.SdcacheError` with one-line messages."""
+    def run(self, req: Request, *, on_step: Callable[[int, int], bool] | None = None) -> RunResult:
+        """Produce the images for *req*. Raises :class:`~sdcache.errors.SdcacheError` with one-line messages.
+
+        Image *i* of the batch is made from seed ``seed + i`` alone (one generator
+        each), so a seed gives the same image whatever the batch size, as in A1111.
+        *on_step(done, total)* is called after every denoising step; when it
+        returns False the remaining steps are skipped and the latents reached so
+        far are decoded (what A1111's interrupt does).
+        """
         import torch
 
         prep = self.prepare(req)
         try:
             seed = req.seed if req.seed is not None else secrets.randbits(31)
+            seeds = [seed + i for i in range(req.batch_size)]
             width, height = req.size if req.size else (None, None)
             kwargs: dict[str, Any] = dict(
                 prompt=req.prompt, negative_prompt=req.negative_prompt or None, num_inference_steps=req.steps,
-                guidance_scale=req.guidance, height=height, width=width,
-                generator=torch.Generator(device="cpu").manual_seed(seed), output_type="pil",
+                guidance_scale=req.guidance, num_images_per_prompt=req.batch_size,
+                generator=[torch.Generator(device="cpu").manual_seed(s) for s in seeds], output_type="pil",
             )
+            if req.init_image is not None:
+                kwargs["strength"] = req.strength
+                kwargs["image"] = self._fit(req.init_image, req.size)
+            else:
+                kwargs.update(height=height, width=width)
             if prep.control is not None:
-                kwargs["image"] = prep.control
+                kwargs["control_image" if req.init_image is not None else "image"] = prep.control
                 kwargs["controlnet_conditioning_scale"] = req.controlnet_scale
+            if on_step is not None:
+                total = self._steps_run(req)
+
+                def step_end(pipe: Any, i: int, t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+                    if not on_step(i + 1, total):
+                        pipe._interrupt = True
+                    return tensors
+
+                kwargs["callback_on_step_end"] = step_end
             t0 = time.perf_counter()
             with torch.inference_mode():
-                image = prep.pipe(**kwargs).images[0]
+                images = prep.pipe(**kwargs).images
             denoise_s = time.perf_counter() - t0
             DENOISE_SECONDS.observe(denoise_s)
         finally:
             self.release(prep)
         return RunResult(
-            image=image, seed=seed, width=image.width, height=image.height, fetch_s=prep.fetch_s,
+            image=images[0], seed=seed, width=images[0].width, height=images[0].height, fetch_s=prep.fetch_s,
             switch_s=prep.switch_s, denoise_s=denoise_s, tiers=prep.tiers, optimize=self.optimize_state,
-            family=prep.bundle.family.label,
+            family=prep.bundle.family.label, images=list(images), seeds=seeds,
         )
+
+    @staticmethod
+    def _steps_run(req: Request) -> int:
+        """Denoising steps the pipeline will take: img2img runs the last *strength* of the schedule."""
+        if req.init_image is None:
+            return req.steps
+        return max(1, min(req.steps, int(req.steps * req.strength)))
+
+    @staticmethod
+    def _fit(image: "Image.Image", size: tuple[int, int] | None) -> "Image.Image":
+        from PIL import Image
+
+        image = image.convert("RGB")
+        if size and image.size != tuple(size):
+            image = image.resize(tuple(size), Image.Resampling.LANCZOS)
+        return image
 
     def prepare(self, req: Request) -> "Prepared":
         """Fetch and switch: everything up to a pipeline ready to denoise *req*.
@@ -269,7 +309,7 @@ class Runner:
                 pinned.append(cn_key)
                 tiers.append(TierRow("controlnet", cn_src.url, tier))
             self._switch_loras(bundle, req, files, lora_cached, tiers, base_key)
-            pipe = self._pipeline(bundle, cn_key, cn_model)
+            pipe = self._pipeline(bundle, cn_key, cn_model, img2img=req.init_image is not None)
             prediction = bundle.prediction_type if req.prediction_type == "auto" else req.prediction_type
             pipe.scheduler = make_scheduler(req.scheduler, bundle.scheduler_config, prediction)
             control = self._control_image(req) if cn_src else None
@@ -430,26 +470,31 @@ class Runner:
                     bundle.resolved.pop(u)
 
     # ------------------------------------------------------------ pipeline
-    def _pipeline(self, bundle: BaseBundle, cn_key: Any, cn_model: Any) -> Any:
-        pipe = bundle.pipes.get(cn_key)
+    def _pipeline(self, bundle: BaseBundle, cn_key: Any, cn_model: Any, *, img2img: bool = False) -> Any:
+        """The pipeline for the base (+ ControlNet), txt2img or img2img, over the same built modules."""
+        key = (cn_key, "img2img") if img2img else cn_key
+        pipe = bundle.pipes.get(key)
         if pipe is not None and (cn_key is None or pipe.controlnet is cn_model):
             return pipe
         pipe = assemble(
             bundle.family, bundle.modules, bundle.tokenizers,
             make_scheduler("euler", bundle.scheduler_config), cn_model, bundle.source.pipeline_kwargs,
+            img2img=img2img,
         )
         if self._optimizer is not None:
             pipe = self._optimizer[0](pipe) or pipe
         if cn_key is not None:  # a ControlNet pipeline per ControlNet: drop the others of this base
-            for k in [k for k in bundle.pipes if k is not None and k != cn_key]:
+            for k in [k for k in bundle.pipes if k not in (None, (None, "img2img"), cn_key, (cn_key, "img2img"))]:
                 bundle.pipes.pop(k)
-        bundle.pipes[cn_key] = pipe
+        bundle.pipes[key] = pipe
         return pipe
 
     def _control_image(self, req: Request) -> "Image.Image":
         from PIL import Image, UnidentifiedImageError
 
-        assert req.control_image
+        assert req.control_image is not None
+        if not isinstance(req.control_image, str):
+            return self._fit(req.control_image, req.size)
         try:
             fs, path = sources.url_fs(req.control_image, self.meta)
             with fs.open(path, "rb") as f:

@@ -65,6 +65,8 @@ METHOD_ROLES: Mapping[str, str] = {
     "Heartbeat": "node",
     "PinnedChunks": "node",
     "AuthState": "node",
+    "ReportRunner": "node",
+    "ListRunners": "read",
     "Commit": "admin",
     "Delete": "admin",
     "Pin": "admin",
@@ -85,6 +87,27 @@ HTTP_ROLES: Mapping[tuple[str, str], str | None] = {
     ("GET", "/metrics"): "read",
     ("POST", "/warm"): "admin",
     ("POST", "/evict"): "admin",
+    ("GET", "/healthz"): None,
+    ("GET", "/readyz"): None,
+}
+
+
+#: The least role each route of ``sdcache serve`` and ``sdcache gateway`` needs (A1111's ``/sdapi/v1``);
+#: ``None`` = open. Users of ``--api-auth`` (HTTP Basic, as A1111) may do everything here.
+SERVE_ROLES: Mapping[tuple[str, str], str | None] = {
+    ("POST", "/sdapi/v1/txt2img"): "read",
+    ("POST", "/sdapi/v1/img2img"): "read",
+    ("GET", "/sdapi/v1/sd-models"): "read",
+    ("GET", "/sdapi/v1/loras"): "read",
+    ("GET", "/sdapi/v1/samplers"): "read",
+    ("GET", "/sdapi/v1/schedulers"): "read",
+    ("GET", "/sdapi/v1/scripts"): "read",
+    ("GET", "/sdapi/v1/options"): "read",
+    ("GET", "/sdapi/v1/progress"): "read",
+    ("POST", "/sdapi/v1/options"): "admin",
+    ("POST", "/sdapi/v1/interrupt"): "admin",
+    ("POST", "/sdapi/v1/refresh-checkpoints"): "admin",
+    ("GET", "/metrics"): "read",
     ("GET", "/healthz"): None,
     ("GET", "/readyz"): None,
 }

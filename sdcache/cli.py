@@ -418,6 +418,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_external(sub, "umount", "sdcache.client.fuse", "unmount a FUSE mount", add="add_umount_arguments",
                   main="main_umount")
     _add_external(sub, "run", "sdcache.kernels.cli", "generate images: base model + LoRAs + ControlNet")
+    _add_external(sub, "serve", "sdcache.serving.serve", "serve A1111's /sdapi/v1 API over one runner")
+    _add_external(sub, "gateway", "sdcache.serving.gateway",
+                  "A1111's API in front of many serve processes, routed by what each holds")
+    _add_external(sub, "simulate", "sdcache.simulate", "capacity planning: simulate a fleet of runners on a trace")
     _add_external(sub, "demo", "sdcache.demo", "start a one-host cluster, import a generated model, read it back")
     return parser
 

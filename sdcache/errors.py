@@ -129,10 +129,35 @@ class Overloaded(SdcacheError, ConnectionError):
     http_status = 503
 
 
+class QueueFull(Overloaded):
+    """A serving queue at its bound: HTTP 429 with ``Retry-After`` (as rate limiters answer)."""
+
+    http_status = 429
+
+
+class DeadlineExceeded(SdcacheError, TimeoutError):
+    """Work that did not finish within the time it was given."""
+
+    errno = _errno.ETIMEDOUT
+    grpc_code = "DEADLINE_EXCEEDED"
+    http_status = 504
+
+
 class ReadOnly(SdcacheError, PermissionError):
     errno = _errno.EROFS
     grpc_code = "PERMISSION_DENIED"
     http_status = 403
+
+
+class SchemaTooNew(SdcacheError, OSError):
+    """A metadata store written by a newer sdcache: this one cannot read it and changes nothing.
+
+    Run the newer sdcache (or restore a backup taken before the upgrade).
+    """
+
+    errno = _errno.EPROTONOSUPPORT
+    grpc_code = "FAILED_PRECONDITION"
+    http_status = 500
 
 
 class Busy(SdcacheError, OSError):
@@ -160,6 +185,9 @@ ERRORS: tuple[type[SdcacheError], ...] = (
     ReadOnly,
     Overloaded,
     Busy,
+    SchemaTooNew,
+    QueueFull,
+    DeadlineExceeded,
 )
 
 _BY_NAME = {cls.__name__: cls for cls in ERRORS}

@@ -197,6 +197,9 @@ CALLS: dict[str, Call] = {
     "Heartbeat": lambda s: s.Heartbeat(pb.HeartbeatRequest(node_id="fake"), timeout=CALL),
     "PinnedChunks": lambda s: s.PinnedChunks(pb.PinnedChunksRequest(), timeout=CALL),
     "AuthState": lambda s: s.AuthState(pb.AuthStateRequest(), timeout=CALL),
+    "ReportRunner": lambda s: s.ReportRunner(pb.RunnerReport(runner_id="r1", address="127.0.0.1:9", state=b"{}"),
+                                             timeout=CALL),
+    "ListRunners": lambda s: s.ListRunners(pb.RunnersRequest(), timeout=CALL),
 }
 
 
@@ -217,11 +220,12 @@ def test_a_read_token_reads_and_nothing_else(meta: MetaProcess) -> None:
     assert stub.GetManifest(pb.PathRequest(path="/auth/f"), timeout=CALL).size == 2500
     assert [e.path for e in stub.List(pb.ListRequest(path="/auth"), timeout=CALL).entries] == ["/auth/f"]
     stub.ListNodes(pb.NodesRequest(), timeout=CALL)
+    stub.ListRunners(pb.RunnersRequest(), timeout=CALL)
     for method in ("Commit", "Delete", "Pin", "Unpin", "Warmup", "Evict", "CreateToken", "RevokeToken",
                    "ListTokens"):
         err = _denied(stub, method)
         assert "token 'reader' has role 'read'; this needs 'admin'" in err.details(), method
-    for method in ("RegisterNode", "Heartbeat", "PinnedChunks", "AuthState"):
+    for method in ("RegisterNode", "Heartbeat", "PinnedChunks", "AuthState", "ReportRunner"):
         assert "needs 'node'" in _denied(stub, method).details(), method
     assert [e.path for e in meta.stub.List(pb.ListRequest(path="/auth"), timeout=CALL).entries] == ["/auth/f"]
 

@@ -352,3 +352,45 @@ class AuthStateResponse(_message.Message):
     revoked: _containers.RepeatedCompositeFieldContainer[TokenInfo]
     generation: int
     def __init__(self, enabled: _Optional[bool] = ..., public_keys: _Optional[_Iterable[bytes]] = ..., revoked: _Optional[_Iterable[_Union[TokenInfo, _Mapping]]] = ..., generation: _Optional[int] = ...) -> None: ...
+
+class RunnerReport(_message.Message):
+    __slots__ = ("runner_id", "address", "state", "ttl")
+    RUNNER_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    TTL_FIELD_NUMBER: _ClassVar[int]
+    runner_id: str
+    address: str
+    state: bytes
+    ttl: float
+    def __init__(self, runner_id: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[bytes] = ..., ttl: _Optional[float] = ...) -> None: ...
+
+class RunnerReportResponse(_message.Message):
+    __slots__ = ("report_interval", "auth_generation")
+    REPORT_INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    AUTH_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    report_interval: float
+    auth_generation: int
+    def __init__(self, report_interval: _Optional[float] = ..., auth_generation: _Optional[int] = ...) -> None: ...
+
+class RunnersRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RunnerInfo(_message.Message):
+    __slots__ = ("runner_id", "address", "state", "age")
+    RUNNER_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    AGE_FIELD_NUMBER: _ClassVar[int]
+    runner_id: str
+    address: str
+    state: bytes
+    age: float
+    def __init__(self, runner_id: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[bytes] = ..., age: _Optional[float] = ...) -> None: ...
+
+class RunnersResponse(_message.Message):
+    __slots__ = ("runners",)
+    RUNNERS_FIELD_NUMBER: _ClassVar[int]
+    runners: _containers.RepeatedCompositeFieldContainer[RunnerInfo]
+    def __init__(self, runners: _Optional[_Iterable[_Union[RunnerInfo, _Mapping]]] = ...) -> None: ...

@@ -129,6 +129,16 @@ class MetaStub:
                 request_serializer=meta__pb2.AuthStateRequest.SerializeToString,
                 response_deserializer=meta__pb2.AuthStateResponse.FromString,
                 _registered_method=True)
+        self.ReportRunner = channel.unary_unary(
+                '/sdcache.v1.Meta/ReportRunner',
+                request_serializer=meta__pb2.RunnerReport.SerializeToString,
+                response_deserializer=meta__pb2.RunnerReportResponse.FromString,
+                _registered_method=True)
+        self.ListRunners = channel.unary_unary(
+                '/sdcache.v1.Meta/ListRunners',
+                request_serializer=meta__pb2.RunnersRequest.SerializeToString,
+                response_deserializer=meta__pb2.RunnersResponse.FromString,
+                _registered_method=True)
 
 
 class MetaServicer:
@@ -248,6 +258,18 @@ class MetaServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportRunner(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRunners(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MetaServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -345,6 +367,16 @@ def add_MetaServicer_to_server(servicer, server):
                     servicer.AuthState,
                     request_deserializer=meta__pb2.AuthStateRequest.FromString,
                     response_serializer=meta__pb2.AuthStateResponse.SerializeToString,
+            ),
+            'ReportRunner': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportRunner,
+                    request_deserializer=meta__pb2.RunnerReport.FromString,
+                    response_serializer=meta__pb2.RunnerReportResponse.SerializeToString,
+            ),
+            'ListRunners': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRunners,
+                    request_deserializer=meta__pb2.RunnersRequest.FromString,
+                    response_serializer=meta__pb2.RunnersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -860,6 +892,60 @@ class Meta:
             '/sdcache.v1.Meta/AuthState',
             meta__pb2.AuthStateRequest.SerializeToString,
             meta__pb2.AuthStateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportRunner(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sdcache.v1.Meta/ReportRunner',
+            meta__pb2.RunnerReport.SerializeToString,
+            meta__pb2.RunnerReportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRunners(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sdcache.v1.Meta/ListRunners',
+            meta__pb2.RunnersRequest.SerializeToString,
+            meta__pb2.RunnersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -27,6 +27,7 @@ from ..placement import NodeInfo
 from ..store.base import MetaStore, NodeRecord
 from . import convert, metrics
 from .fanout import Fanout, WarmStatus
+from .runners import RunnerRegistry
 from .tokens import TokenAuthority
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,7 @@ class MetaServicer(meta_pb2_grpc.MetaServicer):
         self.authority = authority
         self.heartbeat_interval = heartbeat_interval
         self.store_url = store_url
+        self.runners = RunnerRegistry(report_interval=heartbeat_interval)
         self._writer = ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="meta-write")
         self._readers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="meta-read")
 
@@ -334,3 +336,23 @@ class MetaServicer(meta_pb2_grpc.MetaServicer):
         revoked = [convert.token_to_proto(t) for t in await self._read(self.store.list_tokens) if t.revoked]
         return pb.AuthStateResponse(enabled=self.authority.enabled, public_keys=self.authority.public_keys(),
                                     revoked=revoked, generation=generation)
+
+    # -- runners (soft state in memory; see runners.py) ------------------------
+
+    @_unary
+    async def ReportRunner(self, request: pb.RunnerReport,
+                           context: grpc.aio.ServicerContext) -> pb.RunnerReportResponse:
+        new = request.runner_id not in {r.runner_id for r, _ in self.runners.live()}
+        self.runners.report(request.runner_id, request.address, request.state, request.ttl)
+        if new:
+            log.info("runner %s reports from %s", request.runner_id, request.address,
+                     extra={"method": "ReportRunner"})
+        return pb.RunnerReportResponse(report_interval=self.heartbeat_interval,
+                                       auth_generation=await self._read(self.store.auth_generation))
+
+    @_unary
+    async def ListRunners(self, request: pb.RunnersRequest, context: grpc.aio.ServicerContext) -> pb.RunnersResponse:
+        return pb.RunnersResponse(runners=[
+            pb.RunnerInfo(runner_id=r.runner_id, address=r.address, state=r.state, age=age)
+            for r, age in self.runners.live()
+        ])
