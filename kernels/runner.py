@@ -320,6 +320,24 @@ class Runner:
         t_switch = time.perf_counter()
         return Prepared(pipe, bundle, control, tiers, pinned, t_fetch - t0, t_switch - t_fetch)
 
+    def prefetch(self, req: Request) -> list[str]:
+        """Bring the files *req* needs into host RAM now, ahead of its turn; the URLs it loaded.
+
+        For a request waiting in a queue (``serve``): when its turn comes, the
+        fetch is done. Thread-safe with :meth:`run` (a file being loaded by one
+        is waited for by the other, never read twice).
+        """
+        src = self._base_source(req.model)
+        urls = [] if ("base", src.url, str(self.device), str(self.dtype)) in self.cache.device else list(src.urls)
+        if req.controlnet:
+            cn = self._controlnet_source(req.controlnet)
+            if ("controlnet", cn.url, str(self.device), str(self.dtype)) not in self.cache.device:
+                urls += cn.files
+        urls += [lo.url for lo in req.loras if ("lora", lo.url) not in self.cache.host]
+        todo = [u for u in dict.fromkeys(urls) if not self.cache.has_file(u)]
+        self.cache.files(todo)
+        return todo
+
     def release(self, prep: "Prepared") -> None:
         """Unpin what :meth:`prepare` pinned: the models may now be evicted when room is needed."""
         for k in prep.pinned:

@@ -508,6 +508,25 @@ class RunnerView:
         )
 
 
+def share_costs(views: Sequence[RunnerView]) -> None:
+    """Give each runner's unmeasured rates the fleet's measured mean, in place (its own ``n`` stays 0).
+
+    A runner that has never built or denoised anything still carries the
+    priors; beside runners whose rates were measured on the same kind of
+    host, those priors would make it look far faster or slower than it is,
+    and the router would switch models onto it for nothing. Its own first
+    observation replaces the borrowed value, as it replaces a prior.
+    """
+    for name in PRIORS:
+        measured = [v.costs.rates[name].value for v in views if v.costs.rates[name].n > 0]
+        if not measured:
+            continue
+        mean = sum(measured) / len(measured)
+        for v in views:
+            if v.costs.rates[name].n == 0:
+                v.costs.rates[name].value = mean
+
+
 # --------------------------------------------------------------------------- estimates
 
 

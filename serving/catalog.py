@@ -205,7 +205,6 @@ class Catalog:
         with self._lock:
             names = [m.title if kind == "checkpoint" else m.name for m in self._models[kind]]
         what = {"checkpoint": "model", "lora": "LoRA", "controlnet": "ControlNet"}[kind]
-        close = difflib.get_close_matches(name, names, n=3, cutoff=0.3)
-        hint = f"; closest: {', '.join(close)}" if close else (
-            f"; {len(names)} known under {self.folders[kind]}" if names else f"; none under {self.folders[kind]}")
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.0)
+        hint = f"; closest: {', '.join(close)}" if close else f"; none under {self.folders[kind]}"
         raise errors.NotFound(f"unknown {what} {name!r}{hint}")

@@ -37,6 +37,7 @@ class Job:
     kind: str
     work: Callable[["Job"], Any]
     estimate_s: float = 0.0  # what the router would expect it to take once running
+    demand: Any = None  # its sdcache.routing.Demand: the models it brings into the runner's tiers
     job_id: int = field(default_factory=itertools.count(1).__next__)
     submitted: float = field(default_factory=time.monotonic)
     started: float | None = None

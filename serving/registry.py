@@ -106,6 +106,23 @@ class RunnerDirectory:
         self.views: dict[str, routing.RunnerView] = {}
         self.last_contact: float | None = None
         self.changed = asyncio.Event()
+        # Requests sent, per runner: ticket -> [wall time sent, demand, wall time answered or None]. A
+        # report taken before the runner saw one would forget it, so refresh() applies it again, until a
+        # report taken after its answer shows what it left behind.
+        self._pending: dict[str, dict[int, list[Any]]] = {}
+        self._next = 0
+
+    def sent(self, view: routing.RunnerView, demand: routing.Demand, est: routing.Estimate) -> int:
+        """Count a request into *view* now; returns a ticket for :meth:`answered`."""
+        view.assign(demand, est)
+        self._next += 1
+        self._pending.setdefault(view.runner_id, {})[self._next] = [time.time(), demand, None]
+        return self._next
+
+    def answered(self, runner_id: str, ticket: int) -> None:
+        entry = self._pending.get(runner_id, {}).get(ticket)
+        if entry is not None:
+            entry[2] = time.time()
 
     async def run(self) -> None:
         channels = [grpcauth.aio_channel(m, self._credentials) for m in self.metas]
@@ -130,13 +147,28 @@ class RunnerDirectory:
             views: dict[str, routing.RunnerView] = {}
             for r in resp.runners:
                 try:
-                    view = routing.RunnerView.from_dict(json.loads(r.state or b"{}"))
-                except (ValueError, errors.SdcacheError) as exc:
+                    state = json.loads(r.state or b"{}")
+                    at = float(state.pop("at", 0.0))
+                    state.setdefault("runner_id", r.runner_id)
+                    view = routing.RunnerView.from_dict(state)
+                except (ValueError, TypeError, AttributeError, errors.SdcacheError) as exc:
                     log.warning("runner %s sent a state that does not parse (%s); skipped", r.runner_id, exc)
                     continue
                 view.runner_id, view.address = r.runner_id, r.address
+                view.advance(max(0.0, time.time() - at))  # work done since the report was taken
+                pending = self._pending.get(r.runner_id, {})
+                for ticket, (t_sent, demand, t_answered) in list(pending.items()):
+                    if t_answered is not None and t_answered < at:
+                        del pending[ticket]  # the report is newer than the answer: it shows the result
+                    elif t_sent >= at and t_answered is not None:
+                        view.hold(demand)  # done since: what it loaded is there, its work is not queued
+                    elif t_sent >= at:  # sent after this report was taken: not in it yet
+                        view.assign(demand)
                 views[r.runner_id] = view
+            routing.share_costs(list(views.values()))
             self.views = views
+            for gone in set(self._pending) - set(views):
+                del self._pending[gone]
             self.changed.set()
             return
 

@@ -24,6 +24,7 @@ import socket
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from aiohttp import web
@@ -63,6 +64,8 @@ class ServeApp:
         self._runner_ready = threading.Event()
         self.reporter: Reporter | None = None
         self.interrupted = False
+        self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="sdcache-prefetch")
+        self._prefetching = 0
 
     # -- the runner (built on the worker thread: torch work stays there) --------------------
     def build_runner(self) -> None:
@@ -110,33 +113,61 @@ class ServeApp:
         running_s = 0.0
         if running is not None and running.started is not None:
             running_s = max(0.0, running.estimate_s - (time.monotonic() - running.started))
-        return routing.RunnerView(
+        view = routing.RunnerView(
             self.runner_id, self.address, device=device, host=host, queue_s=[j.estimate_s for j in waiting],
             running_s=running_s, max_queue=self.queue.max_queue, costs=self.costs,
             healthy=self._runner is not None, applied=applied,
         )
+        # The tiers as they will be once the running and queued requests have run (what they bring is
+        # on its way: a request still fetching its model has not put it in the device tier yet).
+        for job in ([running] if running is not None else []) + waiting:
+            if job.demand is not None:
+                view.hold(job.demand)
+        return view
+
+    # -- prefetch: a waiting request's files come into host RAM while it waits ----------------
+    def prefetch(self, plan: Plan) -> None:
+        if self._runner is None or self._prefetching >= 2 * self.queue.max_queue + 1:
+            return
+        self._prefetching += 1
+        req = self._request(plan, 0)
+
+        def run() -> None:
+            try:
+                loaded = self._runner.prefetch(req)
+                if loaded:
+                    log.info("prefetched %d file(s) for a waiting request", len(loaded))
+            except Exception as exc:  # noqa: BLE001 - the request itself will report the error
+                log.debug("prefetch failed: %s", exc)
+            finally:
+                self._prefetching -= 1
+
+        self._prefetcher.submit(run)
+
+    def _request(self, plan: Plan, i: int) -> Any:
+        from sdcache.kernels.request import LoraRef, Request
+
+        unit = plan.controlnet[1] if plan.controlnet else None
+        return Request(
+            model=plan.checkpoint.url, prompt=plan.prompt, negative_prompt=plan.negative_prompt,
+            loras=[LoraRef(m.url, w) for m, w in plan.loras],
+            controlnet=plan.controlnet[0].url if plan.controlnet else None,
+            control_image=unit.image if unit else None, controlnet_scale=unit.weight if unit else 1.0,
+            steps=plan.steps, guidance=plan.body.cfg_scale, size=(plan.width, plan.height),
+            seed=plan.seed + i * plan.batch_size, scheduler=plan.scheduler, init_image=plan.init_image,
+            strength=plan.strength if plan.strength is not None else 0.75, batch_size=plan.batch_size,
+        )
 
     # -- one request, on the worker thread -------------------------------------------------
     def execute(self, plan: Plan, job: Job) -> dict[str, Any]:
-        from sdcache.kernels.request import LoraRef, Request
-
         runner = self.runner
         images: list[Any] = []
         seeds: list[int] = []
         totals = {"fetch_s": 0.0, "switch_s": 0.0, "denoise_s": 0.0}
         tiers: list[dict[str, str]] = []
-        unit = plan.controlnet[1] if plan.controlnet else None
         self.interrupted = False
         for i in range(plan.n_iter):
-            req = Request(
-                model=plan.checkpoint.url, prompt=plan.prompt, negative_prompt=plan.negative_prompt,
-                loras=[LoraRef(m.url, w) for m, w in plan.loras],
-                controlnet=plan.controlnet[0].url if plan.controlnet else None,
-                control_image=unit.image if unit else None, controlnet_scale=unit.weight if unit else 1.0,
-                steps=plan.steps, guidance=plan.body.cfg_scale, size=(plan.width, plan.height),
-                seed=plan.seed + i * plan.batch_size, scheduler=plan.scheduler, init_image=plan.init_image,
-                strength=plan.strength if plan.strength is not None else 0.75, batch_size=plan.batch_size,
-            )
+            req = self._request(plan, i)
             job.iteration, job.iterations = i, plan.n_iter
             res = runner.run(req, on_step=job.on_step)
             images += res.images
@@ -220,8 +251,11 @@ class Handlers:
     async def generate(self, request: web.Request, kind: str) -> web.Response:
         body = await read_json(request)
         plan = await asyncio.to_thread(make_plan, kind, body, self.s.catalog, self.s.default_model, self.s.limits)
-        job = Job(kind, lambda j: self.s.execute(plan, j))
+        job = Job(kind, lambda j: self.s.execute(plan, j), demand=plan.demand())
         job.estimate_s = await asyncio.to_thread(self.s.estimate, plan)
+        running, waiting = self.s.queue.snapshot()
+        if running is not None:  # it will wait: fetch what it lacks meanwhile
+            self.s.prefetch(plan)
         result = await self.s.queue.submit(job)
         return web.json_response(result, headers={"X-Sdcache-Runner": self.s.runner_id})
 
@@ -495,7 +529,8 @@ async def _run(args: argparse.Namespace, host: str, port: int) -> int:
     s.runner_id = args.runner_id or address
     tasks: list[asyncio.Task[Any]] = []
     if not args.no_register:
-        s.reporter = Reporter(metas, s.runner_id, address, lambda: s.view().to_dict(), credentials=credentials,
+        s.reporter = Reporter(metas, s.runner_id, address, lambda: {"at": time.time(), **s.view().to_dict()},
+                              credentials=credentials,
                               verifier=verifier)
         tasks.append(asyncio.create_task(s.reporter.run(), name="runner-report"))
     else:

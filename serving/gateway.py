@@ -1,0 +1,338 @@
+"""``sdcache gateway``: A1111's API in front of many ``serve`` processes, routed by what each one holds.
+
+Each request is planned as ``serve`` plans it (:mod:`.plan`: the base model,
+LoRAs and ControlNet it names, its size and steps), then ranked over the
+runners of the registry by the routing policy (:mod:`sdcache.routing`; by
+default the earliest estimated finish: queue wait + the switch cost of what
+that runner lacks, from the tier it would come from + denoise time, with
+costs each runner measures and reports). The request goes to the best runner;
+one that fails (dies mid-request, is full, is gone) hands it to the next. The
+gateway then counts the request into that runner's view at once, so a burst
+for a new model does not all land on one runner before its next report.
+
+Every response carries ``X-Sdcache-Runner``. The gateway never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import logging
+import signal
+import socket
+import sys
+import time
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from sdcache import auth, errors, logs, routing, tls
+from sdcache.hostport import join_hostport, split_hostport, write_ready_file
+
+from . import a1111, httpauth, metrics
+from .catalog import Catalog
+from .plan import Limits, make_plan
+from .registry import RunnerDirectory, meta_addresses
+from .serve import API, MAX_BODY, errors_middleware, progress_body, read_json
+
+log = logging.getLogger(__name__)
+
+RUNNER_HEADER = "X-Sdcache-Runner"
+CONNECT_TIMEOUT = 5.0
+
+
+class Gateway:
+    """Routing state: the runner directory, the policy, the gateway's default model."""
+
+    def __init__(self, *, directory: RunnerDirectory, policy: routing.Policy, catalog: Catalog, limits: Limits,
+                 gate: httpauth.Gate, credentials: tls.Credentials, request_timeout: float,
+                 default_model: str | None = None, max_attempts: int = 3) -> None:
+        self.directory = directory
+        self.policy = policy
+        self.catalog = catalog
+        self.limits = limits
+        self.gate = gate
+        self.credentials = credentials
+        self.request_timeout = request_timeout
+        self.default_model = default_model
+        self.max_attempts = max_attempts
+        self.session: aiohttp.ClientSession | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.credentials.tls and self.credentials.tls.ca else "http"
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.credentials.token}"} if self.credentials.token else {}
+
+    async def route(self, kind: str, body: Any) -> web.Response:
+        plan = await asyncio.to_thread(make_plan, kind, body, self.catalog, self.default_model, self.limits,
+                                       decode=False)
+        demand = plan.demand()
+        forward = copy.copy(body)
+        forward["override_settings"] = {**(body.get("override_settings") or {}),
+                                        "sd_model_checkpoint": plan.checkpoint.title}
+        tried: list[str] = []
+        last_error: BaseException | None = None
+        for _ in range(self.max_attempts):
+            async with self._lock:  # rank and count in, atomically: the next request sees this one
+                views = [v for v in self.directory.views.values() if v.runner_id not in tried]
+                ranked = self.policy.rank(demand, views)
+                if not ranked:
+                    break
+                choice = ranked[0]
+                view = choice.runner
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("route %s: %s", demand.base.key, "; ".join(
+                        f"{e.runner_id} {e.total_s:.3f}s (wait {e.wait_s:.3f} fetch {e.fetch_s:.3f} switch "
+                        f"{e.switch_s:.3f} denoise {e.denoise_s:.3f}; device {[k.rsplit('/', 1)[-1] for k in e.runner.device.keys()]})"
+                        for e in ranked))
+                if demand.base.key not in view.device:
+                    metrics.BASE_SWITCHES.inc()
+                ticket = self.directory.sent(view, demand, choice)
+            tried.append(view.runner_id)
+            try:
+                resp = await self._send(view, kind, forward)
+            except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
+                log.warning("runner %s failed (%s: %s); trying another", view.runner_id, type(exc).__name__, exc)
+                view.healthy = False  # until its next report says otherwise
+                last_error = exc
+                continue
+            finally:
+                self.directory.answered(view.runner_id, ticket)
+            if resp.status in (429, 502, 503):  # full or going away: another runner may take it
+                last_error = errors.Overloaded(f"runner {view.runner_id} answered {resp.status}")
+                continue
+            metrics.ROUTED.labels(self.policy.name, "ok" if len(tried) == 1 else "retried").inc()
+            resp.headers[RUNNER_HEADER] = view.runner_id
+            return resp
+        metrics.ROUTED.labels(self.policy.name, "failed").inc()
+        if not tried:
+            raise errors.Unavailable(f"no runner can take the request ({len(self.directory.views)} registered, "
+                                     "none available)")
+        raise errors.Unavailable(f"every runner tried failed ({', '.join(tried)}): {last_error}")
+
+    async def _send(self, view: routing.RunnerView, kind: str, body: Any) -> web.Response:
+        assert self.session is not None
+        url = f"{self.scheme}://{view.address}{API}/{kind}"
+        ssl_ctx = self.credentials.tls.client_context() if self.scheme == "https" and self.credentials.tls else None
+        async with self.session.post(url, json=body, headers=self._headers(), ssl=ssl_ctx,
+                                     timeout=aiohttp.ClientTimeout(total=self.request_timeout,
+                                                                   sock_connect=CONNECT_TIMEOUT)) as r:
+            payload = await r.read()
+            headers = {k: v for k, v in r.headers.items() if k.lower() in ("content-type", "retry-after")}
+            return web.Response(body=payload, status=r.status, headers=headers)
+
+    async def broadcast(self, path: str) -> None:
+        """POST *path* to every runner (``interrupt``), ignoring the ones that do not answer."""
+        assert self.session is not None
+
+        async def one(view: routing.RunnerView) -> None:
+            try:
+                async with self.session.post(f"{self.scheme}://{view.address}{API}{path}", headers=self._headers(),
+                                             timeout=aiohttp.ClientTimeout(total=10)) as r:
+                    await r.read()
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                pass
+
+        await asyncio.gather(*(one(v) for v in list(self.directory.views.values())))
+
+
+class Handlers:
+    def __init__(self, g: Gateway) -> None:
+        self.g = g
+
+    async def txt2img(self, request: web.Request) -> web.Response:
+        return await self.g.route("txt2img", await read_json(request))
+
+    async def img2img(self, request: web.Request) -> web.Response:
+        return await self.g.route("img2img", await read_json(request))
+
+    async def sd_models(self, request: web.Request) -> web.Response:
+        return web.json_response([m.a1111() for m in await asyncio.to_thread(self.g.catalog.models, "checkpoint")])
+
+    async def loras(self, request: web.Request) -> web.Response:
+        return web.json_response([m.a1111() for m in await asyncio.to_thread(self.g.catalog.models, "lora")])
+
+    async def samplers(self, request: web.Request) -> web.Response:
+        return web.json_response(a1111.sampler_list())
+
+    async def schedulers(self, request: web.Request) -> web.Response:
+        return web.json_response(a1111.scheduler_list())
+
+    async def scripts(self, request: web.Request) -> web.Response:
+        return web.json_response({"txt2img": ["controlnet"], "img2img": ["controlnet"]})
+
+    async def get_options(self, request: web.Request) -> web.Response:
+        model = None
+        if self.g.default_model:
+            try:
+                model = await asyncio.to_thread(self.g.catalog.find, "checkpoint", self.g.default_model)
+            except errors.NotFound:
+                pass
+        return web.json_response({"sd_model_checkpoint": model.title if model else self.g.default_model,
+                                  "sd_checkpoint_hash": model.sha256 if model else None})
+
+    async def set_options(self, request: web.Request) -> web.Response:
+        body = await read_json(request)
+        if not isinstance(body, dict) or set(body) - {"sd_model_checkpoint"}:
+            raise errors.InvalidArgument("options other than sd_model_checkpoint are not supported")
+        if "sd_model_checkpoint" in body:
+            model = await asyncio.to_thread(self.g.catalog.find, "checkpoint", str(body["sd_model_checkpoint"]))
+            self.g.default_model = model.title
+        return web.json_response(True)
+
+    async def progress(self, request: web.Request) -> web.Response:
+        body = progress_body(None, [], _NoQueue())
+        views = list(self.g.directory.views.values())
+        body["state"]["job_count"] = sum(v.busy for v in views)
+        body["sdcache"] = {"runners": len(views), "available": sum(v.available for v in views),
+                           "policy": self.g.policy.name}
+        return web.json_response(body)
+
+    async def interrupt(self, request: web.Request) -> web.Response:
+        await self.g.broadcast("/interrupt")
+        return web.json_response({})
+
+    async def refresh(self, request: web.Request) -> web.Response:
+        await asyncio.to_thread(self.g.catalog.refresh)
+        return web.json_response({})
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        d = self.g.directory
+        if d.last_contact is None:
+            why = "the runner registry has not answered yet"
+        elif not any(v.available for v in d.views.values()):
+            why = f"no runner available ({len(d.views)} registered)"
+        else:
+            return web.json_response({"status": "ready", "runners": len(d.views)})
+        return web.json_response({"status": "not ready", "reason": why}, status=503)
+
+    async def metrics_page(self, request: web.Request) -> web.Response:
+        from sdcache import metrics as sdc_metrics
+
+        body = await asyncio.to_thread(sdc_metrics.Exposition().render)
+        return web.Response(body=body, headers={"Content-Type": sdc_metrics.CONTENT_TYPE})
+
+
+class _NoQueue:
+    max_queue = 0
+    mean_service_s = 0.0
+
+
+def build_app(g: Gateway) -> web.Application:
+    h = Handlers(g)
+    app = web.Application(middlewares=[errors_middleware(g.gate), httpauth.middleware(g.gate)],
+                          client_max_size=MAX_BODY)
+    app.router.add_post(API + "/txt2img", h.txt2img)
+    app.router.add_post(API + "/img2img", h.img2img)
+    for path, fn in (("/sd-models", h.sd_models), ("/loras", h.loras), ("/samplers", h.samplers),
+                     ("/schedulers", h.schedulers), ("/scripts", h.scripts), ("/options", h.get_options),
+                     ("/progress", h.progress)):
+        app.router.add_get(API + path, fn)
+    app.router.add_post(API + "/options", h.set_options)
+    app.router.add_post(API + "/interrupt", h.interrupt)
+    app.router.add_post(API + "/refresh-checkpoints", h.refresh)
+    app.router.add_get("/healthz", h.healthz)
+    app.router.add_get("/readyz", h.readyz)
+    app.router.add_get("/metrics", h.metrics_page)
+    return app
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``sdcache gateway`` options."""
+    parser.add_argument("--listen", default="127.0.0.1:7861", help="HOST:PORT of the API (default %(default)s)")
+    parser.add_argument("--meta", default=None, help="metadata service(s) HOST:PORT[,HOST:PORT] "
+                        "(default: $SDCACHE_META, else 127.0.0.1:7070)")
+    parser.add_argument("--policy", default="finish", choices=sorted(routing.POLICIES),
+                        help="routing policy: finish (earliest estimated finish), multiplex (Ray Serve's rule), "
+                        "round-robin (default %(default)s)")
+    parser.add_argument("--checkpoints", default="/models/checkpoints", help="cache folder of base models")
+    parser.add_argument("--loras", default="/models/loras", help="cache folder of LoRAs")
+    parser.add_argument("--controlnets", default="/models/controlnet", help="cache folder of ControlNets")
+    parser.add_argument("--default-model", default=None, help="checkpoint used when a request names none")
+    parser.add_argument("--api-auth", default=None, metavar="USER:PASS[,USER:PASS]",
+                        help="HTTP Basic users, as A1111's --api-auth (else $SDCACHE_API_AUTH)")
+    parser.add_argument("--request-timeout", type=float, default=900.0,
+                        help="seconds a runner may take to answer (default %(default)s)")
+    parser.add_argument("--max-attempts", type=int, default=3, help="runners tried per request (default %(default)s)")
+    parser.add_argument("--max-steps", type=int, default=150)
+    parser.add_argument("--max-images", type=int, default=16)
+    parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--max-pixels", type=int, default=2048 * 2048)
+    parser.add_argument("--refresh-interval", type=float, default=0.5,
+                        help="seconds between runner-registry reads (default %(default)s)")
+    parser.add_argument("--ready-file", default=None, help="write HOST:PORT here once listening")
+    tls.add_arguments(parser)
+    logs.add_argument(parser)
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format=logs.TEXT_FORMAT)
+    logs.configure(getattr(args, "log_format", "text"))
+    try:
+        host, port = split_hostport(args.listen, what="--listen")
+        return asyncio.run(_run(args, host, port))
+    except errors.SdcacheError as e:
+        print(f"sdcache gateway: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"sdcache gateway: error: {e.strerror or e} ({args.listen})", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+async def _run(args: argparse.Namespace, host: str, port: int) -> int:
+    from sdcache.client.metaclient import MetaClient
+
+    if args.max_attempts < 1 or args.request_timeout <= 0 or args.refresh_interval <= 0:
+        raise errors.InvalidArgument("--max-attempts, --request-timeout and --refresh-interval must be positive")
+    metas = meta_addresses(args.meta)
+    credentials = tls.Credentials.from_args(args)
+    verifier = auth.TokenVerifier()
+    gate = httpauth.Gate(verifier, httpauth.parse_api_auth(args.api_auth))
+    directory = RunnerDirectory(metas, credentials=credentials, verifier=verifier, interval=args.refresh_interval)
+    meta_client = MetaClient(metas[0], credentials=credentials)
+    catalog = Catalog(meta_client, args.checkpoints, args.loras, args.controlnets)
+    g = Gateway(directory=directory, policy=routing.make_policy(args.policy), catalog=catalog,
+                limits=Limits(args.max_steps, args.max_images, args.max_batch, args.max_pixels), gate=gate,
+                credentials=credentials, request_timeout=args.request_timeout, default_model=args.default_model,
+                max_attempts=args.max_attempts)
+    g.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+    app = build_app(g)
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+    await runner.setup()
+    sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    site = web.SockSite(runner, sock, ssl_context=credentials.tls.server_context()
+                        if credentials.tls and credentials.tls.cert else None)
+    await site.start()
+    address = join_hostport(host, sock.getsockname()[1])
+    task = asyncio.create_task(directory.run(), name="runner-directory")
+    if args.ready_file:
+        write_ready_file(args.ready_file, address)
+    print(f"sdcache gateway listening on {address} (policy {args.policy})", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    t0 = time.monotonic()
+    try:
+        await stop.wait()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await runner.cleanup()
+        await g.session.close()
+        meta_client.close()
+        log.info("gateway stopped after %.0fs", time.monotonic() - t0)
+    return 0
