@@ -18,7 +18,7 @@ def test_demo_runs_end_to_end(tmp_path):
         proc = subprocess.run(
             [sys.executable, "-m", "sdcache", "demo", "--data", str(tmp_path / "demo"), "--model-size", "24MiB",
              "--pool-root", pool_root],
-            capture_output=True, text=True, timeout=300,
+            capture_output=True, text=True, timeout=420,
         )
     finally:
         shutil.rmtree(pool_root, ignore_errors=True)
@@ -26,6 +26,15 @@ def test_demo_runs_end_to_end(tmp_path):
     assert "sha256 matches" in proc.stdout
     assert "Where to look" in proc.stdout
     assert "kind checkpoint/sd1" in proc.stdout
+    # The serving part: three images through the A1111 API, the LoRA switched in and out again.
+    assert "the LoRA changed the image" in proc.stdout and "restored it bit for bit" in proc.stdout, proc.stdout
+    from PIL import Image
+
+    shots = {name: tmp_path / "demo" / f"demo-{name}.png" for name in ("base", "lora", "base-again")}
+    pixels = {name: Image.open(p).tobytes() for name, p in shots.items()}
+    assert pixels["base"] == pixels["base-again"] != pixels["lora"]
+    assert Image.open(shots["base"]).size == (64, 64)
+    assert "curl -s -H \"Authorization: Bearer $(cat " in proc.stdout and "/sdapi/v1/txt2img" in proc.stdout
 
 
 def test_up_serves_until_ctrl_c(tmp_path):
