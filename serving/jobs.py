@@ -115,7 +115,8 @@ class JobQueue:
                 metrics.QUEUE_ABANDONED.labels("waiting").inc()
                 log.info("request %d left the queue: %s", job.job_id, reason)
                 return
-        if job.started is not None and not job.future.done():
+        # Its future may already be cancelled (the awaiting task's cancellation reaches it): stop anyway.
+        if job.started is not None and not job.stop.is_set():
             metrics.QUEUE_ABANDONED.labels("running").inc()
             log.info("request %d stops at the next step: %s", job.job_id, reason)
             job.cancel(reason)
