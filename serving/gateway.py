@@ -19,23 +19,20 @@ import argparse
 import asyncio
 import copy
 import logging
-import signal
-import socket
-import sys
-import time
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
-from sdcache import auth, errors, logs, routing, tls
-from sdcache.hostport import join_hostport, split_hostport, write_ready_file
+from sdcache import auth, errors, routing, tls
+from sdcache.hostport import write_ready_file
 
-from . import a1111, httpauth, metrics
+from . import api, httpauth, metrics
 from .catalog import Catalog
 from .plan import Limits, make_plan
 from .registry import RunnerDirectory, meta_addresses
-from .serve import API, MAX_BODY, errors_middleware, progress_body, read_json
+from .api import API
+from .serve import progress_body
 
 log = logging.getLogger(__name__)
 
@@ -141,71 +138,31 @@ class Gateway:
         await asyncio.gather(*(one(v) for v in list(self.directory.views.values())))
 
 
-class Handlers:
-    def __init__(self, g: Gateway) -> None:
-        self.g = g
+class Handlers(api.CommonHandlers):
+    """The gateway's own routes: generation routed to a runner, fleet progress, interrupt, readiness."""
+
+    s: Gateway
 
     async def txt2img(self, request: web.Request) -> web.Response:
-        return await self.g.route("txt2img", await read_json(request))
+        return await self.s.route("txt2img", await api.read_json(request))
 
     async def img2img(self, request: web.Request) -> web.Response:
-        return await self.g.route("img2img", await read_json(request))
-
-    async def sd_models(self, request: web.Request) -> web.Response:
-        return web.json_response([m.a1111() for m in await asyncio.to_thread(self.g.catalog.models, "checkpoint")])
-
-    async def loras(self, request: web.Request) -> web.Response:
-        return web.json_response([m.a1111() for m in await asyncio.to_thread(self.g.catalog.models, "lora")])
-
-    async def samplers(self, request: web.Request) -> web.Response:
-        return web.json_response(a1111.sampler_list())
-
-    async def schedulers(self, request: web.Request) -> web.Response:
-        return web.json_response(a1111.scheduler_list())
-
-    async def scripts(self, request: web.Request) -> web.Response:
-        return web.json_response({"txt2img": ["controlnet"], "img2img": ["controlnet"]})
-
-    async def get_options(self, request: web.Request) -> web.Response:
-        model = None
-        if self.g.default_model:
-            try:
-                model = await asyncio.to_thread(self.g.catalog.find, "checkpoint", self.g.default_model)
-            except errors.NotFound:
-                pass
-        return web.json_response({"sd_model_checkpoint": model.title if model else self.g.default_model,
-                                  "sd_checkpoint_hash": model.sha256 if model else None})
-
-    async def set_options(self, request: web.Request) -> web.Response:
-        body = await read_json(request)
-        if not isinstance(body, dict) or set(body) - {"sd_model_checkpoint"}:
-            raise errors.InvalidArgument("options other than sd_model_checkpoint are not supported")
-        if "sd_model_checkpoint" in body:
-            model = await asyncio.to_thread(self.g.catalog.find, "checkpoint", str(body["sd_model_checkpoint"]))
-            self.g.default_model = model.title
-        return web.json_response(True)
+        return await self.s.route("img2img", await api.read_json(request))
 
     async def progress(self, request: web.Request) -> web.Response:
         body = progress_body(None, [], _NoQueue())
-        views = list(self.g.directory.views.values())
+        views = list(self.s.directory.views.values())
         body["state"]["job_count"] = sum(v.busy for v in views)
         body["sdcache"] = {"runners": len(views), "available": sum(v.available for v in views),
-                           "policy": self.g.policy.name}
+                           "policy": self.s.policy.name}
         return web.json_response(body)
 
     async def interrupt(self, request: web.Request) -> web.Response:
-        await self.g.broadcast("/interrupt")
+        await self.s.broadcast("/interrupt")
         return web.json_response({})
-
-    async def refresh(self, request: web.Request) -> web.Response:
-        await asyncio.to_thread(self.g.catalog.refresh)
-        return web.json_response({})
-
-    async def healthz(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
 
     async def readyz(self, request: web.Request) -> web.Response:
-        d = self.g.directory
+        d = self.s.directory
         if d.last_contact is None:
             why = "the runner registry has not answered yet"
         elif not any(v.available for v in d.views.values()):
@@ -214,12 +171,6 @@ class Handlers:
             return web.json_response({"status": "ready", "runners": len(d.views)})
         return web.json_response({"status": "not ready", "reason": why}, status=503)
 
-    async def metrics_page(self, request: web.Request) -> web.Response:
-        from sdcache import metrics as sdc_metrics
-
-        body = await asyncio.to_thread(sdc_metrics.Exposition().render)
-        return web.Response(body=body, headers={"Content-Type": sdc_metrics.CONTENT_TYPE})
-
 
 class _NoQueue:
     max_queue = 0
@@ -227,22 +178,7 @@ class _NoQueue:
 
 
 def build_app(g: Gateway) -> web.Application:
-    h = Handlers(g)
-    app = web.Application(middlewares=[errors_middleware(g.gate), httpauth.middleware(g.gate)],
-                          client_max_size=MAX_BODY)
-    app.router.add_post(API + "/txt2img", h.txt2img)
-    app.router.add_post(API + "/img2img", h.img2img)
-    for path, fn in (("/sd-models", h.sd_models), ("/loras", h.loras), ("/samplers", h.samplers),
-                     ("/schedulers", h.schedulers), ("/scripts", h.scripts), ("/options", h.get_options),
-                     ("/progress", h.progress)):
-        app.router.add_get(API + path, fn)
-    app.router.add_post(API + "/options", h.set_options)
-    app.router.add_post(API + "/interrupt", h.interrupt)
-    app.router.add_post(API + "/refresh-checkpoints", h.refresh)
-    app.router.add_get("/healthz", h.healthz)
-    app.router.add_get("/readyz", h.readyz)
-    app.router.add_get("/metrics", h.metrics_page)
-    return app
+    return api.build_app(Handlers(g), g.gate)
 
 
 # --------------------------------------------------------------------------- entry point
@@ -250,46 +186,19 @@ def build_app(g: Gateway) -> web.Application:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``sdcache gateway`` options."""
-    parser.add_argument("--listen", default="127.0.0.1:7861", help="HOST:PORT of the API (default %(default)s)")
-    parser.add_argument("--meta", default=None, help="metadata service(s) HOST:PORT[,HOST:PORT] "
-                        "(default: $SDCACHE_META, else 127.0.0.1:7070)")
+    api.add_common_arguments(parser, "127.0.0.1:7861")
     parser.add_argument("--policy", default="finish", choices=sorted(routing.POLICIES),
                         help="routing policy: finish (earliest estimated finish), multiplex (Ray Serve's rule), "
                         "round-robin (default %(default)s)")
-    parser.add_argument("--checkpoints", default="/models/checkpoints", help="cache folder of base models")
-    parser.add_argument("--loras", default="/models/loras", help="cache folder of LoRAs")
-    parser.add_argument("--controlnets", default="/models/controlnet", help="cache folder of ControlNets")
-    parser.add_argument("--default-model", default=None, help="checkpoint used when a request names none")
-    parser.add_argument("--api-auth", default=None, metavar="USER:PASS[,USER:PASS]",
-                        help="HTTP Basic users, as A1111's --api-auth (else $SDCACHE_API_AUTH)")
     parser.add_argument("--request-timeout", type=float, default=900.0,
                         help="seconds a runner may take to answer (default %(default)s)")
     parser.add_argument("--max-attempts", type=int, default=3, help="runners tried per request (default %(default)s)")
-    parser.add_argument("--max-steps", type=int, default=150)
-    parser.add_argument("--max-images", type=int, default=16)
-    parser.add_argument("--max-batch", type=int, default=8)
-    parser.add_argument("--max-pixels", type=int, default=2048 * 2048)
     parser.add_argument("--refresh-interval", type=float, default=0.5,
                         help="seconds between runner-registry reads (default %(default)s)")
-    parser.add_argument("--ready-file", default=None, help="write HOST:PORT here once listening")
-    tls.add_arguments(parser)
-    logs.add_argument(parser)
 
 
 def main(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format=logs.TEXT_FORMAT)
-    logs.configure(getattr(args, "log_format", "text"))
-    try:
-        host, port = split_hostport(args.listen, what="--listen")
-        return asyncio.run(_run(args, host, port))
-    except errors.SdcacheError as e:
-        print(f"sdcache gateway: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"sdcache gateway: error: {e.strerror or e} ({args.listen})", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    return api.run_main("gateway", args, _run)
 
 
 async def _run(args: argparse.Namespace, host: str, port: int) -> int:
@@ -305,34 +214,21 @@ async def _run(args: argparse.Namespace, host: str, port: int) -> int:
     meta_client = MetaClient(metas[0], credentials=credentials)
     catalog = Catalog(meta_client, args.checkpoints, args.loras, args.controlnets)
     g = Gateway(directory=directory, policy=routing.make_policy(args.policy), catalog=catalog,
-                limits=Limits(args.max_steps, args.max_images, args.max_batch, args.max_pixels), gate=gate,
+                limits=api.limits_from(args), gate=gate,
                 credentials=credentials, request_timeout=args.request_timeout, default_model=args.default_model,
                 max_attempts=args.max_attempts)
     g.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
-    app = build_app(g)
-    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
-    await runner.setup()
-    sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
-    site = web.SockSite(runner, sock, ssl_context=credentials.tls.server_context()
-                        if credentials.tls and credentials.tls.cert else None)
-    await site.start()
-    address = join_hostport(host, sock.getsockname()[1])
+    runner, address = await api.listen(build_app(g), host, port, credentials)
     task = asyncio.create_task(directory.run(), name="runner-directory")
     if args.ready_file:
         write_ready_file(args.ready_file, address)
     print(f"sdcache gateway listening on {address} (policy {args.policy})", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    t0 = time.monotonic()
     try:
-        await stop.wait()
+        await api.until_signalled()
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await runner.cleanup()
         await g.session.close()
         meta_client.close()
-        log.info("gateway stopped after %.0fs", time.monotonic() - t0)
     return 0

@@ -4,7 +4,7 @@ A request passes when it carries
 
 * ``Authorization: Bearer TOKEN``, a cache token whose role covers the route
   (:data:`sdcache.auth.SERVE_ROLES`), checked locally against the keys and
-  revocations loaded from the metadata service (:class:`~sdcache.meta.authstate.AuthFollower`), or
+  revocations loaded from the metadata service (:class:`~sdcache.meta.authstate.AuthFollower`, run by the registry clients), or
 * ``Authorization: Basic ...`` matching a ``--api-auth user:pass`` pair, which
   is how A1111 clients (``webuiapi``'s ``set_auth``) log in; such users may do
   everything the API offers, as in A1111.
@@ -25,7 +25,6 @@ from typing import Any
 from aiohttp import web
 
 from sdcache import auth, errors
-from sdcache.meta.authstate import AuthFollower  # noqa: F401 - re-exported for serve and gateway
 
 ENV_API_AUTH = "SDCACHE_API_AUTH"
 

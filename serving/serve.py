@@ -19,9 +19,6 @@ import asyncio
 import json
 import logging
 import posixpath
-import signal
-import socket
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,11 +26,11 @@ from typing import Any
 
 from aiohttp import web
 
-from sdcache import __version__, auth, errors, logs, routing, tls
-from sdcache.hostport import join_hostport, split_hostport, write_ready_file
+from sdcache import __version__, auth, errors, routing, tls
+from sdcache.hostport import write_ready_file
 from sdcache.units import parse_size
 
-from . import a1111, httpauth, metrics
+from . import a1111, api, httpauth
 from .catalog import Catalog
 from .jobs import Job, JobQueue
 from .plan import Limits, Plan, make_plan
@@ -41,8 +38,6 @@ from .registry import Reporter, meta_addresses
 
 log = logging.getLogger(__name__)
 
-MAX_BODY = 64 << 20  # a request with a few base64 images; more is a 413
-API = "/sdapi/v1"
 
 
 class ServeApp:
@@ -238,9 +233,10 @@ class ServeApp:
 # --------------------------------------------------------------------------- HTTP
 
 
-class Handlers:
-    def __init__(self, app: ServeApp) -> None:
-        self.s = app
+class Handlers(api.CommonHandlers):
+    """The runner's own routes: generation, progress, interrupt, readiness."""
+
+    s: ServeApp
 
     async def txt2img(self, request: web.Request) -> web.Response:
         return await self.generate(request, "txt2img")
@@ -249,7 +245,7 @@ class Handlers:
         return await self.generate(request, "img2img")
 
     async def generate(self, request: web.Request, kind: str) -> web.Response:
-        body = await read_json(request)
+        body = await api.read_json(request)
         plan = await asyncio.to_thread(make_plan, kind, body, self.s.catalog, self.s.default_model, self.s.limits)
         job = Job(kind, lambda j: self.s.execute(plan, j), demand=plan.demand())
         job.estimate_s = await asyncio.to_thread(self.s.estimate, plan)
@@ -259,45 +255,6 @@ class Handlers:
         result = await self.s.queue.submit(job)
         return web.json_response(result, headers={"X-Sdcache-Runner": self.s.runner_id})
 
-    async def sd_models(self, request: web.Request) -> web.Response:
-        models = await asyncio.to_thread(self.s.catalog.models, "checkpoint")
-        return web.json_response([m.a1111() for m in models])
-
-    async def loras(self, request: web.Request) -> web.Response:
-        models = await asyncio.to_thread(self.s.catalog.models, "lora")
-        return web.json_response([m.a1111() for m in models])
-
-    async def samplers(self, request: web.Request) -> web.Response:
-        return web.json_response(a1111.sampler_list())
-
-    async def schedulers(self, request: web.Request) -> web.Response:
-        return web.json_response(a1111.scheduler_list())
-
-    async def scripts(self, request: web.Request) -> web.Response:
-        return web.json_response({"txt2img": ["controlnet"], "img2img": ["controlnet"]})
-
-    async def get_options(self, request: web.Request) -> web.Response:
-        name = self.s.default_model
-        model = None
-        if name:
-            try:
-                model = await asyncio.to_thread(self.s.catalog.find, "checkpoint", name)
-            except errors.NotFound:
-                model = None
-        return web.json_response({"sd_model_checkpoint": model.title if model else name,
-                                  "sd_checkpoint_hash": model.sha256 if model else None})
-
-    async def set_options(self, request: web.Request) -> web.Response:
-        body = await read_json(request)
-        unknown = sorted(set(body) - {"sd_model_checkpoint"})
-        if unknown:
-            raise errors.InvalidArgument(f"options {', '.join(unknown)} are not supported (supported: "
-                                         "sd_model_checkpoint)")
-        if "sd_model_checkpoint" in body:
-            model = await asyncio.to_thread(self.s.catalog.find, "checkpoint", str(body["sd_model_checkpoint"]))
-            self.s.default_model = model.title
-        return web.json_response(True)
-
     async def progress(self, request: web.Request) -> web.Response:
         running, waiting = self.s.queue.snapshot()
         return web.json_response(progress_body(running, waiting, self.s.queue))
@@ -306,24 +263,11 @@ class Handlers:
         self.s.queue.interrupt()
         return web.json_response({})
 
-    async def refresh(self, request: web.Request) -> web.Response:
-        await asyncio.to_thread(self.s.catalog.refresh)
-        return web.json_response({})
-
-    async def healthz(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
-
     async def readyz(self, request: web.Request) -> web.Response:
         why = self.s.not_ready()
         if why:
             return web.json_response({"status": "not ready", "reason": why}, status=503)
         return web.json_response({"status": "ready"})
-
-    async def metrics_page(self, request: web.Request) -> web.Response:
-        from sdcache import metrics as sdc_metrics
-
-        body = await asyncio.to_thread(sdc_metrics.Exposition().render)
-        return web.Response(body=body, headers={"Content-Type": sdc_metrics.CONTENT_TYPE})
 
 
 def progress_body(running: Job | None, waiting: list[Job], queue: JobQueue) -> dict[str, Any]:
@@ -349,76 +293,8 @@ def progress_body(running: Job | None, waiting: list[Job], queue: JobQueue) -> d
     }
 
 
-async def read_json(request: web.Request) -> Any:
-    declared = request.content_length
-    if declared is not None and declared > MAX_BODY:
-        raise errors.InvalidArgument(f"request body of {declared} bytes is over the {MAX_BODY}-byte limit")
-    try:
-        return await request.json()
-    except ValueError as e:
-        raise errors.InvalidArgument(f"request body is not JSON: {e}") from None
-    except RecursionError:
-        raise errors.InvalidArgument("request body is nested too deeply") from None
-
-
-def errors_middleware(gate: httpauth.Gate) -> Any:
-    @web.middleware
-    async def handle(request: web.Request, handler: Any) -> web.StreamResponse:
-        resource = request.match_info.route.resource
-        route = resource.canonical if resource is not None else "other"
-        t0 = time.perf_counter()
-        status = 500
-        try:
-            resp = await handler(request)
-            status = resp.status
-            return resp
-        except errors.SdcacheError as exc:
-            status = 422 if exc.http_status == 400 else exc.http_status
-            resp = httpauth.error_response(exc, gate)
-            resp.set_status(status)
-            return resp
-        except web.HTTPException as exc:
-            status = exc.status
-            if exc.status < 400:
-                raise
-            return web.json_response({"error": type(exc).__name__, "detail": exc.text or exc.reason, "body": "",
-                                      "errors": exc.reason}, status=exc.status)
-        except Exception as exc:  # noqa: BLE001 - the client gets A1111's JSON, not a traceback page
-            log.exception("error handling %s %s", request.method, request.path)
-            return httpauth.error_response(errors.SdcacheError(f"internal error: {type(exc).__name__}: {exc}"))
-        finally:
-            metrics.REQUESTS.labels(route, str(status)).inc()
-            metrics.REQUEST_SECONDS.labels(route).observe(time.perf_counter() - t0)
-
-    return handle
-
-
 def build_app(s: ServeApp) -> web.Application:
-    h = Handlers(s)
-    app = web.Application(middlewares=[errors_middleware(s.gate), httpauth.middleware(s.gate)],
-                          client_max_size=MAX_BODY)
-    app.router.add_post(API + "/txt2img", h.txt2img)
-    app.router.add_post(API + "/img2img", h.img2img)
-    for path, fn in (("/sd-models", h.sd_models), ("/loras", h.loras), ("/samplers", h.samplers),
-                     ("/schedulers", h.schedulers), ("/scripts", h.scripts), ("/options", h.get_options),
-                     ("/progress", h.progress)):
-        app.router.add_get(API + path, fn)
-    app.router.add_post(API + "/options", h.set_options)
-    app.router.add_post(API + "/interrupt", h.interrupt)
-    app.router.add_post(API + "/refresh-checkpoints", h.refresh)
-    app.router.add_get("/healthz", h.healthz)
-    app.router.add_get("/readyz", h.readyz)
-    app.router.add_get("/metrics", h.metrics_page)
-    return app
-
-
-def routes_of(app: web.Application) -> set[tuple[str, str]]:
-    """(method, route) of every route: tests check each has a role in :data:`sdcache.auth.SERVE_ROLES`."""
-    out = set()
-    for r in app.router.routes():
-        if r.method != "HEAD" and r.resource is not None:
-            out.add((r.method, r.resource.canonical))
-    return out
+    return api.build_app(Handlers(s), s.gate)
 
 
 # --------------------------------------------------------------------------- entry point
@@ -426,16 +302,8 @@ def routes_of(app: web.Application) -> set[tuple[str, str]]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``sdcache serve`` options."""
-    parser.add_argument("--listen", default="127.0.0.1:7860", help="HOST:PORT of the API (default %(default)s)")
+    api.add_common_arguments(parser, "127.0.0.1:7860")
     parser.add_argument("--advertise", default=None, help="HOST:PORT the gateway should use (default: --listen)")
-    parser.add_argument("--meta", default=None, help="metadata service(s) HOST:PORT[,HOST:PORT] "
-                        "(default: $SDCACHE_META, else 127.0.0.1:7070)")
-    parser.add_argument("--checkpoints", default="/models/checkpoints", help="cache folder of base models")
-    parser.add_argument("--loras", default="/models/loras", help="cache folder of LoRAs")
-    parser.add_argument("--controlnets", default="/models/controlnet", help="cache folder of ControlNets")
-    parser.add_argument("--default-model", default=None, help="checkpoint used when a request names none")
-    parser.add_argument("--api-auth", default=None, metavar="USER:PASS[,USER:PASS]",
-                        help="HTTP Basic users, as A1111's --api-auth (else $SDCACHE_API_AUTH)")
     parser.add_argument("--runner-id", default=None, help="name in the runner registry (default: HOST:PORT)")
     parser.add_argument("--no-register", action="store_true",
                         help="do not report to the runner registry (then only --api-auth users get in)")
@@ -444,10 +312,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue", type=int, default=16, help="requests waiting at most (default %(default)s)")
     parser.add_argument("--request-timeout", type=float, default=600.0,
                         help="seconds from arrival to answer (default %(default)s)")
-    parser.add_argument("--max-steps", type=int, default=150)
-    parser.add_argument("--max-images", type=int, default=16, help="batch_size x n_iter at most")
-    parser.add_argument("--max-batch", type=int, default=8)
-    parser.add_argument("--max-pixels", type=int, default=2048 * 2048)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default %(default)s)")
     parser.add_argument("--dtype", default="auto", help="auto, bf16, fp16 or fp32 (default %(default)s)")
     parser.add_argument("--no-optimize", action="store_true", help="run the stock diffusers pipeline")
@@ -455,26 +319,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device-budget", default=None, help="device tier size (default: 60%% of the GPU, "
                         "0 on a CPU: only the model in use)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--ready-file", default=None, help="write HOST:PORT here once listening")
-    tls.add_arguments(parser)
-    logs.add_argument(parser)
 
 
 def main(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format=logs.TEXT_FORMAT)
-    logs.configure(getattr(args, "log_format", "text"))
-    try:
-        host, port = split_hostport(args.listen, what="--listen")
-        tls.export_to_env(args)
-        return asyncio.run(_run(args, host, port))
-    except errors.SdcacheError as e:
-        print(f"sdcache serve: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"sdcache serve: error: {e.strerror or e} ({args.listen})", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    tls.export_to_env(args)
+    return api.run_main("serve", args, _run)
 
 
 def runner_factory(args: argparse.Namespace, meta: str) -> Any:
@@ -498,10 +347,7 @@ async def _run(args: argparse.Namespace, host: str, port: int) -> int:
 
     metas = meta_addresses(args.meta)
     credentials = tls.Credentials.from_args(args)
-    limits = Limits(args.max_steps, args.max_images, args.max_batch, args.max_pixels)
-    for name in ("max_steps", "max_images", "max_batch", "max_pixels"):
-        if getattr(limits, name) < 1:
-            raise errors.InvalidArgument(f"--{name.replace('_', '-')} must be at least 1")
+    limits = api.limits_from(args)
     if args.request_timeout <= 0:
         raise errors.InvalidArgument("--request-timeout must be positive")
     verifier = auth.TokenVerifier()
@@ -516,15 +362,8 @@ async def _run(args: argparse.Namespace, host: str, port: int) -> int:
     # The runner is built on the queue's worker thread, first: torch work stays on that one thread.
     s.queue = queue = JobQueue(max_queue=args.max_queue, timeout=args.request_timeout, on_start=s.build_runner)
 
-    app = build_app(s)
-    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
-    await runner.setup()
-    sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
-    site = web.SockSite(runner, sock, ssl_context=credentials.tls.server_context()
-                        if credentials.tls and credentials.tls.cert else None)
-    await site.start()
-    bound = sock.getsockname()
-    address = args.advertise or join_hostport(host, bound[1])
+    runner, bound = await api.listen(build_app(s), host, port, credentials)
+    address = args.advertise or bound
     s.address = address
     s.runner_id = args.runner_id or address
     tasks: list[asyncio.Task[Any]] = []
@@ -540,12 +379,8 @@ async def _run(args: argparse.Namespace, host: str, port: int) -> int:
     if args.ready_file:
         write_ready_file(args.ready_file, address)
     print(f"sdcache serve listening on {address} (runner {s.runner_id})", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        await api.until_signalled()
     finally:
         for t in tasks:
             t.cancel()

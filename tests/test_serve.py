@@ -73,20 +73,25 @@ def txt2img(p: ServeProcess, **body: Any) -> requests.Response:
     return requests.post(p.url + "/sdapi/v1/txt2img", json=body, auth=BASIC, timeout=300)
 
 
-def test_every_route_has_a_role() -> None:
-    routes = serve_mod.routes_of(_app_for_routes())
-    missing = routes - set(auth.SERVE_ROLES)
-    assert not missing, f"routes without a role in auth.SERVE_ROLES: {sorted(missing)}"
-
-
-def _app_for_routes() -> Any:
+def test_every_route_of_serve_and_gateway_has_a_role() -> None:
+    from sdcache.serving import api, gateway, registry
     from sdcache.serving.catalog import Catalog
     from sdcache.serving.httpauth import Gate
     from sdcache.serving.plan import Limits
+    from sdcache.tls import Credentials
 
+    gate = Gate(auth.TokenVerifier(), {})
     s = serve_mod.ServeApp(catalog=Catalog(None), limits=Limits(), queue=None, runner_factory=None,  # type: ignore
-                           runner_id="x", gate=Gate(auth.TokenVerifier(), {}))
-    return serve_mod.build_app(s)
+                           runner_id="x", gate=gate)
+    g = gateway.Gateway(directory=registry.RunnerDirectory([], credentials=Credentials(None, None),
+                                                           verifier=gate.verifier),
+                        policy=gateway.routing.make_policy("finish"), catalog=Catalog(None), limits=Limits(),
+                        gate=gate, credentials=Credentials(None, None), request_timeout=1)
+    for app in (serve_mod.build_app(s), gateway.build_app(g)):
+        routes = api.routes_of(app)
+        assert ("POST", "/sdapi/v1/txt2img") in routes
+        missing = routes - set(auth.SERVE_ROLES)
+        assert not missing, f"routes without a role in auth.SERVE_ROLES: {sorted(missing)}"
 
 
 def test_sd_models_lists_every_checkpoint_with_its_hash(served: ServeProcess, m: TinyModels) -> None:
