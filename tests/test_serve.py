@@ -271,6 +271,45 @@ def test_full_queue_is_429_with_retry_after_and_interrupt_stops_the_running_one(
     assert results["second"].status_code == 200
 
 
+def test_a_waiting_request_has_its_model_fetched_while_it_waits(served: ServeProcess) -> None:
+    blocker = threading.Thread(target=lambda: txt2img(served, steps=20, width=128, height=128))
+    blocker.start()
+    deadline = time.monotonic() + 60
+    while requests.get(served.url + "/sdapi/v1/progress", auth=BASIC, timeout=30).json()["state"]["sampling_step"] < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    # sdxl-tiny is in no tier of this runner yet: it would come from the cluster, but it waits behind the
+    # running request, so its files are fetched meanwhile and its turn finds them in host RAM.
+    before = _cluster_loads(served)
+    waiting: dict[str, requests.Response] = {}
+    t = threading.Thread(target=lambda: waiting.setdefault("r", txt2img(
+        served, override_settings={"sd_model_checkpoint": "sdxl-tiny"})))
+    t.start()
+    deadline = time.monotonic() + 60
+    while requests.get(served.url + "/sdapi/v1/progress", auth=BASIC, timeout=30).json()["state"]["job_count"] < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    # SDXL's four weight files (UNet, VAE, two text encoders) come from the cluster while it waits.
+    deadline = time.monotonic() + 60
+    while _cluster_loads(served) < before + 4:
+        assert time.monotonic() < deadline, "the waiting request's files were not fetched while it waited"
+        time.sleep(0.05)
+    requests.post(served.url + "/sdapi/v1/interrupt", auth=BASIC, timeout=30)
+    blocker.join(120)
+    t.join(120)
+    tiers = {x["component"]: x["tier"] for x in json.loads(waiting["r"].json()["info"])["sdcache"]["tiers"]}
+    assert tiers["unet"] == "ram" and tiers["text_encoder_2"] == "ram", tiers
+
+
+def _cluster_loads(p: ServeProcess) -> float:
+    """Model files the runner has loaded from the cluster so far (its /metrics)."""
+    text = requests.get(p.url + "/metrics", auth=BASIC, timeout=30).text
+    for line in text.splitlines():
+        if line.startswith('sdcache_runner_model_load_seconds_count{tier="cluster"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
 def test_a_client_that_disconnects_frees_its_slot(served: ServeProcess) -> None:
     import socket
 
