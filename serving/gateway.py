@@ -165,8 +165,10 @@ class Handlers(api.CommonHandlers):
         d = self.s.directory
         if d.last_contact is None:
             why = "the runner registry has not answered yet"
-        elif not any(v.available for v in d.views.values()):
-            why = f"no runner available ({len(d.views)} registered)"
+        elif not any(v.healthy for v in d.views.values()):
+            # Healthy, not "available": when every queue is full the gateway stays ready and answers 429
+            # with Retry-After; unready, the Service would drop it and clients would see refused connections.
+            why = f"no healthy runner ({len(d.views)} registered)"
         else:
             return web.json_response({"status": "ready", "runners": len(d.views)})
         return web.json_response({"status": "not ready", "reason": why}, status=503)

@@ -377,7 +377,7 @@ async def _run(args: argparse.Namespace, host: str, port: int) -> int:
         if not gate.users:
             log.warning("--insecure-no-auth: every request is accepted")
     if args.ready_file:
-        write_ready_file(args.ready_file, address)
+        write_ready_file(args.ready_file, bound)  # where it listens (the advertised name may not resolve here)
     print(f"sdcache serve listening on {address} (runner {s.runner_id})", flush=True)
     try:
         await api.until_signalled()

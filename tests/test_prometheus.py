@@ -7,7 +7,9 @@ on its chunk port, and this process's client metrics (the fsspec client the
 test reads with). The test then asks Prometheus's HTTP API what an operator's
 Prometheus would see: every target up, the counters moved by exactly what the
 reads imply, and every query of ``deploy/grafana/sdcache.json`` evaluating
-without error and returning data.
+without error and returning data. A gateway (``sdcache serve``'s API in front of
+the runner registry, no torch) is scraped too, and answers a few A1111 requests
+so that the serving panels have data.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from sdcache import errors, metrics
@@ -40,6 +43,7 @@ from sdcache.client.metaclient import MetaClient
 from sdcache.cluster import LocalCluster
 from sdcache.placement import rank
 
+from ._serving import API_PASS, API_USER, serve_process
 from .conftest import TOKEN_KEY, mint_token, wait_for
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
@@ -47,11 +51,14 @@ DASHBOARD = DEPLOY / "grafana" / "sdcache.json"
 EXAMPLE_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
 SCRAPE_INTERVAL = "1s"
 RATE_WINDOW = "1m"  # what $__rate_interval stands for when the test evaluates the dashboard's queries
-# Panels over sdcache_runner_* are exempt from "returns data": no process exports the runner's
-# metrics until `sdcache serve` exists (issue 10), so Prometheus has no such series to return.
-# Their queries must still evaluate without error, and their descriptions say why they are empty.
-RUNNER_PREFIX = "sdcache_runner_"
-NO_RUNNER_REASON = "no process exports sdcache_runner_* until `sdcache serve` exists and is scraped"
+# The metrics of `sdcache serve` and `sdcache gateway` (serving/metrics.py, kernels/metrics.py).
+SERVING_PREFIXES = ("sdcache_runner_", "sdcache_serve_", "sdcache_gateway_")
+# Panels over these alone are exempt from "returns data": a serve process exports them once its runner
+# is built (torch and diffusers imported), and this test starts no runner, only a gateway (which does
+# not import torch). Their queries must still evaluate; tests/test_deploy.py checks that a real serve
+# process exports every serving metric the dashboard names.
+NEEDS_A_RUNNER = ("sdcache_runner_model_load_seconds", "sdcache_runner_lora_switch_seconds",
+                  "sdcache_runner_denoise_seconds")
 
 
 def free_port() -> int:
@@ -212,6 +219,44 @@ def read_token_file(tmp_path: Path) -> str:
     return str(path)
 
 
+@pytest.fixture
+def gateway(metrics_cluster: LocalCluster, tmp_path: Path) -> Iterator[str]:
+    """A real ``sdcache gateway`` over the cluster (no runner registers), with one checkpoint it can name.
+
+    The checkpoint is a one-tensor safetensors file: the gateway plans a request from the catalog alone
+    (it never loads a model), so a txt2img naming it is planned, finds no runner, and is answered 503.
+    """
+    from safetensors.numpy import save_file
+
+    checkpoint = tmp_path / "prom-sd1.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": np.zeros((4, 4), np.float16)}, str(checkpoint))
+    meta = MetaClient(metrics_cluster.meta_addr)
+    try:
+        import_file(meta, str(checkpoint), "/models/checkpoints/prom-sd1.safetensors")
+    finally:
+        meta.close()
+    g = serve_process(metrics_cluster, tmp_path, "gateway", command="gateway", token=mint_token("node", "gateway"))
+    try:
+        yield g.start().address
+    finally:
+        g.stop()
+
+
+def _a1111(gateway: str, method: str, route: str, body: Any = None) -> int:
+    """The status of one A1111 API call to *gateway*, logged in as an ``--api-auth`` user."""
+    import base64
+
+    login = base64.b64encode(f"{API_USER}:{API_PASS}".encode()).decode()
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(f"http://{gateway}/sdapi/v1/{route}", data=data, method=method,
+                                     headers={"Authorization": f"Basic {login}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
 def _meta_metrics_address(cluster: LocalCluster) -> str:
     return cluster.meta.argv[cluster.meta.argv.index("--metrics-listen") + 1]  # type: ignore[union-attr]
 
@@ -241,6 +286,15 @@ def metric_names(expr: str) -> set[str]:
     return set(re.findall(r"\bsdcache_[a-z0-9_]+", expr))
 
 
+def family(name: str) -> str:
+    """The metric a series name belongs to (a histogram's ``_bucket``, ``_sum`` and ``_count`` are its own)."""
+    return re.sub(r"_(bucket|sum|count)$", "", name)
+
+
+def needs_a_runner(expr: str) -> bool:
+    return all(family(n) in NEEDS_A_RUNNER for n in metric_names(expr))
+
+
 def test_dashboard_is_an_importable_grafana_dashboard() -> None:
     """Offline: the JSON Grafana imports, one datasource input used by every query, no unknown variables."""
     doc = json.loads(DASHBOARD.read_text())
@@ -261,22 +315,28 @@ def test_dashboard_is_an_importable_grafana_dashboard() -> None:
             assert "$" not in t["expr"].replace("$__rate_interval", ""), (p["title"], t["expr"])
             assert metric_names(t["expr"]), (p["title"], t["expr"])
     assert len(ids) == len(set(ids))
-    runner = [(title, desc) for title, desc, expr in dashboard_queries()
-              if all(n.startswith(RUNNER_PREFIX) for n in metric_names(expr))]
-    assert runner, "the dashboard has runner panels (model loads by tier, queue depth)"
-    for title, desc in runner:
-        assert "no data until `sdcache serve` exists" in desc, title
+    serving = [(title, desc, expr) for title, desc, expr in dashboard_queries()
+               if all(n.startswith(SERVING_PREFIXES) for n in metric_names(expr))]
+    charted = {family(n) for _, _, expr in serving for n in metric_names(expr)}
+    # What an operator of the serving layer watches: issue 9's API, queue and routing counters.
+    assert charted >= {"sdcache_runner_model_load_seconds", "sdcache_runner_queue_depth",
+                       "sdcache_runner_queue_wait_seconds", "sdcache_runner_queue_rejected_total",
+                       "sdcache_serve_requests_total", "sdcache_serve_request_seconds",
+                       "sdcache_gateway_routed_total", "sdcache_gateway_base_switches_total"}, sorted(charted)
+    for title, desc, _ in serving:  # which process to scrape for it
+        assert "`sdcache serve`" in desc or "`sdcache gateway`" in desc, title
 
 
-def test_the_runner_panels_chart_metrics_the_runner_defines() -> None:
-    """What the live test cannot check until `serve` exists: the runner panels' names are the runner's own."""
+def test_the_serving_panels_chart_metrics_serve_and_gateway_define() -> None:
+    """The serving panels' names are the ones serve, gateway and the runner define (the live test has no runner)."""
     import prometheus_client
 
     import sdcache.kernels.metrics  # noqa: F401 - registers the runner's metrics
+    import sdcache.serving.metrics  # noqa: F401 - the queue's, serve's and the gateway's
 
-    defined = {family.name for family in prometheus_client.REGISTRY.collect()}
-    used = {re.sub(r"_(bucket|sum|count)$", "", n) for _, _, expr in dashboard_queries()
-            for n in metric_names(expr) if n.startswith(RUNNER_PREFIX)}
+    defined = {f.name + ("_total" if f.type == "counter" else "") for f in prometheus_client.REGISTRY.collect()}
+    used = {family(n) for _, _, expr in dashboard_queries() for n in metric_names(expr)
+            if n.startswith(SERVING_PREFIXES)}
     assert used and used <= defined, sorted(used - defined)
 
 
@@ -286,7 +346,7 @@ def test_the_example_prometheus_config_is_valid(tmp_path: Path) -> None:
     token = tmp_path / "sdcache.token"
     token.write_text(mint_token("read", "prom") + "\n")
     text = EXAMPLE_CONFIG.read_text()
-    assert text.count("credentials_file: /etc/prometheus/sdcache.token") == text.count("job_name:") == 3
+    assert text.count("credentials_file: /etc/prometheus/sdcache.token") == text.count("job_name:") == 5
     config = tmp_path / "prometheus.yml"
     config.write_text(text.replace("/etc/prometheus/sdcache.token", str(token)))  # promtool checks it exists
     proc = subprocess.run([shutil.which("promtool") or "promtool", "check", "config", str(config)],
@@ -299,15 +359,17 @@ def test_the_example_prometheus_config_is_valid(tmp_path: Path) -> None:
 
 @pytest.mark.requires("prometheus")
 def test_prometheus_scrapes_the_cluster_and_the_dashboard_queries_return_data(
-        metrics_cluster: LocalCluster, client_metrics: str, read_token_file: str, tmp_path: Path,
+        metrics_cluster: LocalCluster, client_metrics: str, gateway: str, read_token_file: str, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Targets up (and a tokenless scrape refused), counters moved exactly as the reads imply, dashboard live.
 
     A warm 10-chunk file read over HTTP adds 10 pool hits, split over the nodes as placement owns the
     chunks, and its size to pool-served bytes and to the client's node-tier bytes; a cold 5-chunk file
     adds 5 misses and its size to under-store bytes. An unreadable source and a missing path show up as
-    under-store errors, client failovers and a NOT_FOUND RPC error. Then every dashboard query evaluates
-    and, but for the runner's (NO_RUNNER_REASON), returns data.
+    under-store errors, client failovers and a NOT_FOUND RPC error. Through the gateway, an A1111 listing
+    counts one 200, a txt2img naming no known model one 404, and one with no runner registered one 503 and
+    one failed routing. Then every dashboard query evaluates and, but for those that need a runner
+    (NEEDS_A_RUNNER), returns data.
     """
     cluster = metrics_cluster
     monkeypatch.setenv("SDCACHE_SHORT_CIRCUIT", "0")  # every chunk over HTTP, as from another host
@@ -316,6 +378,7 @@ def test_prometheus_scrapes_the_cluster_and_the_dashboard_queries_return_data(
         "sdcache-meta": ([_meta_metrics_address(cluster)], read_token_file),
         "sdcache-node": (nodes, read_token_file),
         "sdcache-client": ([client_metrics], read_token_file),
+        "sdcache-gateway": ([gateway], read_token_file),
         "sdcache-node-no-token": ([nodes[0]], None),  # must be refused: /metrics needs a read token
     }
     n_targets = sum(len(targets) for targets, _ in jobs.values())
@@ -403,6 +466,19 @@ def test_prometheus_scrapes_the_cluster_and_the_dashboard_queries_return_data(
         assert after[retries] > before[retries]
         assert after[rpc_errors] > before[rpc_errors]
 
+        # -- the A1111 API through the gateway: a listing, and a request no runner can take -----
+        api = 'sum(sdcache_serve_requests_total{job="sdcache-gateway",route="/sdapi/v1/%s",code="%s"})'
+        failed = 'sum(sdcache_gateway_routed_total{job="sdcache-gateway",outcome="failed"})'
+        before = {e: prom.value(e) for e in (api % ("samplers", 200), api % ("txt2img", 503), api % ("txt2img", 404),
+                                             failed)}
+        assert _a1111(gateway, "GET", "samplers") == 200
+        for model, status in (("prom-sd1.safetensors", 503), ("no-such-model", 404)):
+            body = {"prompt": "a lighthouse", "steps": 2, "override_settings": {"sd_model_checkpoint": model}}
+            assert _a1111(gateway, "POST", "txt2img", body) == status, model
+        prom.settle(n_targets)
+        after = {e: prom.value(e) for e in before}
+        assert {e: after[e] - before[e] for e in before} == {e: 1 for e in before}
+
         # -- every dashboard query: valid PromQL over series that exist ------------------------
         # rate() needs two samples of a series: one more scrape for those the errors above created
         # (an RPC error's {method, code} exists from its first occurrence on).
@@ -410,8 +486,7 @@ def test_prometheus_scrapes_the_cluster_and_the_dashboard_queries_return_data(
         empty = []
         for title, _, expr in dashboard_queries():
             result = prom.query(expr.replace("$__rate_interval", RATE_WINDOW))  # fails on an error answer
-            runner = all(n.startswith(RUNNER_PREFIX) for n in metric_names(expr))
-            if not result and not runner:  # runner panels: NO_RUNNER_REASON
+            if not result and not needs_a_runner(expr):  # NEEDS_A_RUNNER: this test starts none
                 empty.append(f"{title}: {expr}")
         assert not empty, "dashboard queries with no data:\n" + "\n".join(empty)
     except BaseException:
