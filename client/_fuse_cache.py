@@ -11,7 +11,7 @@ Memory: every buffer the cache holds, in use or free for reuse, counts
 against ``limit``. Chunks live in recycled buffers of power-of-two sizes (a
 fresh buffer costs page faults and zeroing on every chunk, a recycled one
 nothing).
-Buffers are anonymous mappings, not heap memory: made in many worker threads,
+Buffers are anonymous mappings, not heap memory: filled in many worker threads,
 heap buffers would scatter over per-thread malloc arenas that keep freed
 memory, and the process would outgrow the limit.
 Finished chunks are evicted least recently used first; a read-ahead that does
@@ -19,7 +19,8 @@ not fit is skipped; a demand fetch that does not fit waits until a fetch in
 flight finishes. A chunk is never recycled while a reader still waits on it.
 
 Everything here runs on the trio event loop (one thread), so no locks; the
-fetches themselves run in worker threads.
+fetches themselves run in the fetcher's thread pool, which wakes the loop once
+per chunk fetched.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ class _Slot:
 class ChunkCache:
     """Chunks fetched whole, held in memory under a byte limit, one fetch per chunk id."""
 
-    def __init__(self, fetcher: Fetcher, *, limit: int, threads: int, timeout: float) -> None:
+    def __init__(self, fetcher: Fetcher, *, limit: int, timeout: float) -> None:
         self.fetcher = fetcher
         self.limit = max(limit, 2 * CHUNK_SIZE)
         self.timeout = timeout
@@ -83,7 +84,6 @@ class ChunkCache:
         self._slots: OrderedDict[str, _Slot] = OrderedDict()
         self._free: dict[int, list[mmap.mmap]] = {}  # size class -> buffers ready for reuse
         self._in_flight = 0
-        self._limiter = trio.CapacityLimiter(threads)
         self._changed = trio.Event()
         self._waiting = 0  # readers waiting for memory
         self._nursery: trio.Nursery | None = None
@@ -227,15 +227,32 @@ class ChunkCache:
         return slot
 
     async def _fill(self, slot: _Slot, m: Manifest, index: int) -> None:
+        # The fetch runs in the fetcher's thread pool, which reports back with one wake-up of the loop
+        # (no thread started or renamed per chunk, as trio.to_thread does).
+        finished = trio.Event()
+        token = trio.lowlevel.current_trio_token()
+
+        def report(_: object) -> None:
+            try:
+                token.run_sync_soon(finished.set)
+            except trio.RunFinishedError:
+                pass  # the mount is gone
+
+        if slot.buf is None:
+            slot.buf = mmap.mmap(-1, slot.size, flags=mmap.MAP_PRIVATE)  # pages come with the first write
+        fut = self.fetcher.submit_into(m, index, memoryview(slot.buf)[: slot.length])
+        fut.add_done_callback(report)
         try:
             with trio.fail_after(self.timeout):
-                slot.buf = await trio.to_thread.run_sync(self._fetch, m, index, slot.buf, slot.size,
-                                                         limiter=self._limiter, **ABANDON)
+                await finished.wait()
+            fut.result()
         except trio.TooSlowError:
+            fut.cancel()
             slot.error = errors.Unavailable(
                 f"{m.path}: chunk {index} was not fetched within {self.timeout:g}s "
                 "(cache nodes and source unreachable?)")
         except trio.Cancelled:
+            fut.cancel()
             slot.error = errors.Unavailable(f"{m.path}: the mount is shutting down")
             raise
         except Exception as exc:  # every failure reaches the reader as an errno
@@ -243,16 +260,9 @@ class ChunkCache:
         finally:
             self._in_flight -= 1
             if slot.error is not None:
-                # A thread abandoned on timeout may still write into this buffer: never reuse it.
+                # A fetch given up on may still write into this buffer: never reuse it.
                 if self._slots.get(slot.chunk_id) is slot:
                     del self._slots[slot.chunk_id]
                 self.held -= slot.size
             slot.done.set()
             self._notify()
-
-    def _fetch(self, m: Manifest, index: int, buf: mmap.mmap | None, size: int) -> mmap.mmap:
-        """Worker thread: fetch chunk *index* into *buf*, or into a fresh buffer of *size* bytes."""
-        if buf is None:
-            buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)  # unmapped when the last view goes
-        self.fetcher.fetch_into(m, index, memoryview(buf)[: m.chunks[index].length])
-        return buf

@@ -8,7 +8,8 @@ once the entry timeout (``--attr-timeout``) runs out; files already open keep
 the inode, hence the version, they opened.
 
 Every handler is a few lines over :class:`MetaClient` (run in worker threads,
-never on the event loop) and :class:`ChunkCache`; sdcache errors become their
+never on the event loop), :class:`ChunkCache` and :class:`PageCachePusher` (which
+writes files being loaded into the kernel page cache); sdcache errors become their
 errno, an unreachable cluster ``EIO`` plus one log line, and no handler waits
 longer than the configured timeout.
 """
@@ -34,6 +35,7 @@ from sdcache.manifest import Entry, Manifest
 
 from . import metrics
 from ._fuse_cache import ABANDON, ChunkCache
+from ._fuse_push import PageCachePusher
 from .fetcher import Fetcher
 from .metaclient import MetaClient
 
@@ -58,6 +60,8 @@ class MountConfig:
     readahead: int = 8  # chunks fetched ahead of a sequential reader
     threads: int = 16
     meta_threads: int = 8
+    push_memory: int = 1 << 30  # bound on bytes pushed into the page cache for open files; 0: no pushing
+    push_threads: int = 2  # worker threads copying into the kernel page cache
 
 
 @dataclass(eq=False)
@@ -134,7 +138,9 @@ class SdcacheOperations(pyfuse3.Operations):
         self.meta = meta
         self.fetcher = fetcher
         self.config = config
-        self.cache = ChunkCache(fetcher, limit=config.max_memory, threads=config.threads, timeout=config.timeout)
+        self.cache = ChunkCache(fetcher, limit=config.max_memory, timeout=config.timeout)
+        self.pusher = PageCachePusher(fetcher, limit=config.push_memory, threads=config.push_threads,
+                                      store=pyfuse3.notify_store)
         self._meta_limiter = trio.CapacityLimiter(config.meta_threads)
         self._uid, self._gid = os.getuid(), os.getgid()
         self._started = time.time()
@@ -152,8 +158,9 @@ class SdcacheOperations(pyfuse3.Operations):
         self._unavailable_logged = 0.0
 
     def attach(self, nursery: trio.Nursery) -> None:
-        """Background work (chunk fetches) runs as tasks of *nursery*."""
+        """Chunk fetches report to tasks of *nursery*; the page-cache push threads start here."""
         self.cache.attach(nursery)
+        self.pusher.start()
 
     # -- helpers -------------------------------------------------------------------
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
@@ -375,6 +382,7 @@ class SdcacheOperations(pyfuse3.Operations):
         self._next_fh += 1
         self._files[fh] = _OpenFile(node, m)
         node.opens += 1
+        self.pusher.opened(node.ino, m)
         # One inode is one immutable version: its page cache stays valid across opens.
         return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
 
@@ -388,6 +396,7 @@ class SdcacheOperations(pyfuse3.Operations):
         end = min(off + size, m.size)
         if end <= off:
             return b""
+        self.pusher.served(f.node.ino, off, end)
         first, last = m.chunk_index(off), m.chunk_index(end - 1)
         self._read_ahead(f, first, last)
         # pyfuse3 replies from the returned buffer before any other task runs, so a slice of a
@@ -425,6 +434,8 @@ class SdcacheOperations(pyfuse3.Operations):
             return
         stop = min(last + 1 + self.config.readahead, len(f.manifest.chunks))
         for i in range(last + 1, stop):
+            if self.pusher.pushing(f.node.ino, i):
+                break  # the page-cache push has it from here
             self.cache.prefetch(f.manifest, i)
 
     @_counted
@@ -436,6 +447,7 @@ class SdcacheOperations(pyfuse3.Operations):
         f = self._files.pop(fh, None)
         if f is not None:
             f.node.opens -= 1
+            self.pusher.closed(f.node.ino)
             self._maybe_drop(f.node)
 
     @_fuse_errors

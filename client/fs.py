@@ -2,7 +2,8 @@
 
 ``sdcache://models/sd15.safetensors`` is the cache path
 ``/models/sd15.safetensors``; the storage option ``meta="host:port"`` names
-the metadata service (else ``$SDCACHE_META``, else ``127.0.0.1:7070``), and
+the metadata service (``"a:7070,b:7070"``: several over one store, with
+failover; else ``$SDCACHE_META``, else ``127.0.0.1:7070``), and
 ``token=`` the bearer token (else ``$SDCACHE_TOKEN``, else
 ``$SDCACHE_TOKEN_FILE``); ``tls_ca=``, ``tls_cert=``, ``tls_key=`` turn on TLS
 (else ``$SDCACHE_TLS_*``).

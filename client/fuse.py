@@ -2,7 +2,8 @@
 
 Programs that only know file paths (ComfyUI, A1111, ``safetensors.safe_open``,
 ``cp``) read the cache through a FUSE mount (pyfuse3, libfuse 3). The request
-handlers live in :mod:`._fuse_ops`, the chunk memory in :mod:`._fuse_cache`;
+handlers live in :mod:`._fuse_ops`, the chunk memory in :mod:`._fuse_cache`, the
+page-cache push in :mod:`._fuse_push`;
 this module parses arguments, mounts, runs the trio loop, daemonizes, raises
 the kernel read-ahead of the mount, clears stale mounts and unmounts.
 
@@ -42,6 +43,21 @@ MOUNT_READY_TIMEOUT = 60.0
 UMOUNT_WAIT = 15.0
 DEFAULT_READ_AHEAD_KB = 4096  # kernel read-ahead of the mount: 4 MiB, one chunk
 MAX_REQUESTS = 32  # FUSE requests handled at once
+DEFAULT_PUSH_MEMORY = "25%"
+
+
+def push_memory(value: str) -> int:
+    """``--push-memory``: a size (``2GiB``) or a percentage of physical memory (``25%``), in bytes."""
+    value = str(value).strip()
+    if value.endswith("%"):
+        try:
+            share = float(value[:-1])
+        except ValueError:
+            raise errors.InvalidArgument(f"--push-memory {value!r}: not a percentage") from None
+        if not 0 <= share <= 100:
+            raise errors.InvalidArgument(f"--push-memory {value!r}: a percentage is 0 to 100")
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * share / 100)
+    return parse_size(value)
 
 
 # -- arguments ---------------------------------------------------------------------------
@@ -62,6 +78,12 @@ def add_mount_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--readahead", type=int, default=8, metavar="CHUNKS",
                    help="chunks fetched ahead of a sequential or mmap reader (default 8, i.e. 32 MiB)")
     p.add_argument("--threads", type=int, default=16, help="parallel chunk fetches (default 16)")
+    p.add_argument("--push-memory", default=DEFAULT_PUSH_MEMORY, metavar="SIZE",
+                   help="bound on the bytes of open files pushed into the kernel page cache ahead of their "
+                        "readers, as a size or a percentage of physical memory (default 25%%; 0 turns pushing "
+                        "off: every read is a FUSE request)")
+    p.add_argument("--push-threads", type=int, default=2, metavar="N",
+                   help="threads fetching chunks and copying them into the page cache (default 2)")
     p.add_argument("--read-ahead-kb", type=int, default=DEFAULT_READ_AHEAD_KB, metavar="KB",
                    help="kernel read-ahead of the mount, set when run as root (default 4096; 0 leaves it)")
     p.add_argument("--allow-other", action="store_true", help="let other users read the mount")
@@ -228,6 +250,7 @@ def main_mount(args: argparse.Namespace) -> int:
         raise errors.Unavailable(f"FUSE support is not installed ({exc}); pip install pyfuse3 trio") from None
     if args.max_memory and parse_size(args.max_memory) < (32 << 20):
         raise errors.InvalidArgument("--max-memory must be at least 32MiB")
+    push_memory(args.push_memory)  # a bad value fails here, before the daemon starts
     if getattr(args, "metrics_listen", None):
         sdc_metrics.split_listen(args.metrics_listen)
     if args.foreground:
@@ -248,7 +271,8 @@ def _child_argv(args: argparse.Namespace, mountpoint: str, ready_file: str) -> l
     argv += ["mount", mountpoint, "--foreground", "--ready-file", ready_file,
              "--attr-timeout", str(args.attr_timeout), "--timeout", str(args.timeout),
              "--max-memory", str(args.max_memory), "--readahead", str(args.readahead),
-             "--threads", str(args.threads), "--read-ahead-kb", str(args.read_ahead_kb)]
+             "--threads", str(args.threads), "--read-ahead-kb", str(args.read_ahead_kb),
+             "--push-memory", str(args.push_memory), "--push-threads", str(args.push_threads)]
     if args.allow_other:
         argv.append("--allow-other")
     if getattr(args, "log_format", "text") != "text":
@@ -311,7 +335,8 @@ def _serve(args: argparse.Namespace, mountpoint: str) -> int:
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
     config = MountConfig(attr_timeout=args.attr_timeout, timeout=args.timeout,
                          max_memory=parse_size(args.max_memory), readahead=max(0, args.readahead),
-                         threads=max(1, args.threads))
+                         threads=max(1, args.threads), push_memory=push_memory(args.push_memory),
+                         push_threads=max(1, args.push_threads))
     meta = MetaClient(getattr(args, "meta", None), timeout=config.timeout, credentials=Credentials.from_args(args))
     try:
         meta.stats()  # a wrong --meta fails here, with one clear line, not at the first read
@@ -332,6 +357,7 @@ def _serve(args: argparse.Namespace, mountpoint: str) -> int:
     try:
         trio.run(_run, ops, mountpoint, args)
     finally:
+        ops.pusher.close()  # no worker may copy into the session once it is closed
         if metrics_server is not None:
             metrics_server.stop()
         # Safe after an external unmount too: libfuse skips the unmount when the kernel ended the session.
@@ -343,8 +369,10 @@ def _serve(args: argparse.Namespace, mountpoint: str) -> int:
                 os.unlink(_state_path(mountpoint, "pid"))
             except OSError:
                 pass
-    log.info("%s: unmounted (chunk memory peak %s, %d buffers made)", mountpoint, format_size(ops.cache.peak),
-             ops.cache.fresh)
+    push = ops.pusher
+    log.info("%s: unmounted (chunk memory peak %s, %d buffers made; page cache: %s pushed for %d file loads, "
+             "at most %s of open files at once, limit %s)", mountpoint, format_size(ops.cache.peak),
+             ops.cache.fresh, format_size(push.total), push.files, format_size(push.peak), format_size(push.limit))
     return 0
 
 
@@ -411,6 +439,9 @@ async def _run(ops: Any, mountpoint: str, args: argparse.Namespace) -> None:
             task_status.started()
             async for signum in signals:
                 log.info("%s: %s received, unmounting", mountpoint, signal.Signals(signum).name)
+                # Copies into the page cache can wait on a read request: they finish while requests
+                # are still answered.
+                await ops.pusher.drain()
                 pyfuse3.terminate()
                 return
 

@@ -86,7 +86,9 @@ def import_file(
     try:
         info = info or fs.info(path)
         size = int(info["size"])
-        with fs.open(path, "rb", block_size=8 << 20, cache_type="none") if "://" in url else open(path, "rb", buffering=0) as f:
+        # readahead: the chunker reads tensor by tensor, and with no cache every small tensor of a
+        # remote source would be a request of its own (an SD checkpoint has ~1,100).
+        with fs.open(path, "rb", block_size=8 << 20, cache_type="readahead") if "://" in url else open(path, "rb", buffering=0) as f:
             chunked = chunk_file(f, size, name=dest, progress=progress)
     except FileNotFoundError:
         raise errors.NotFound(f"source not found: {src}") from None

@@ -3,6 +3,13 @@
 Thin: each method is one RPC, with errors turned back into the sdcache error
 hierarchy (``NotFound`` is still a ``FileNotFoundError``), and the proto
 messages turned into core types.
+
+Several services over one store: the address may be a list
+(``--meta a,b,c``, ``SDCACHE_META=a,b,c``). Calls go to one service at a
+time; when gRPC finds no connection to it (not an error the service sent),
+the call is made on the next, which then stays in use. A read waits at most
+:data:`ATTEMPT_TIMEOUT` on a service that does not answer while others are
+left to try (a host that is down drops packets rather than refusing them).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from typing import Any
 import grpc
 
 from sdcache import DEFAULT_META, errors
+from sdcache.hostport import split_hostports
 from sdcache._proto import meta_pb2 as pb
 from sdcache._proto import meta_pb2_grpc as pbg
 from sdcache.manifest import Entry, Manifest
@@ -34,13 +42,24 @@ NODE_LIST_RETRY = 1.0  # seconds after a failed refresh before the next try
 #: Reads that wait out a restart of the service (see ``MetaClient._call``); ListNodes
 #: is not among them: a failed node-list refresh keeps the last list instead.
 RIDE_OUT_RESTARTS = frozenset({"Stat", "GetManifest", "List", "GetConfig", "Stats"})
+#: Calls that are safe to give up on and repeat elsewhere when a service is silent.
+IDEMPOTENT_READS = RIDE_OUT_RESTARTS | {"ListNodes", "ListTokens", "AuthState"}
+ATTEMPT_TIMEOUT = 3.0  # seconds a read waits on one of several services before trying the next
 
 log = logging.getLogger(__name__)
 
 
+def resolve_addresses(meta: str | None = None) -> list[str]:
+    """``--meta`` value, else ``$SDCACHE_META``, else ``127.0.0.1:7070`` (contract), as a list of ``HOST:PORT``.
+
+    A comma list names several services over one store (in the order tried).
+    """
+    return split_hostports(meta or os.environ.get("SDCACHE_META") or DEFAULT_META, what="--meta")
+
+
 def resolve_address(meta: str | None = None) -> str:
-    """``--meta`` value, else ``$SDCACHE_META``, else ``127.0.0.1:7070`` (contract)."""
-    return meta or os.environ.get("SDCACHE_META") or DEFAULT_META
+    """What :func:`resolve_addresses` finds, joined again: hand it to another client to reach the same services."""
+    return ",".join(resolve_addresses(meta))
 
 
 _CONNECT_PREFIX = "failed to connect to all addresses; last error: "
@@ -78,11 +97,12 @@ def node_from_pb(n: pb.Node) -> NodeInfo:
         host_id=n.host_id,
         pool_dir=n.pool_dir,
         used=n.used,
+        zone=n.zone,
     )
 
 
 class MetaClient:
-    """Talks to one metadata service; safe to share between threads."""
+    """Talks to a metadata service, or to the first that answers of several over one store; thread-safe."""
 
     # Node-list refresh state, guarded by ``_lock`` (the RPC itself runs outside it).
     _nodes_flight: threading.Event | None = None  # set when the refresh in progress ends
@@ -92,46 +112,116 @@ class MetaClient:
 
     def __init__(self, address: str | None = None, *, timeout: float = 10.0,
                  credentials: Credentials | None = None) -> None:
-        self.address = resolve_address(address)
+        #: Every service this client may use, in the order tried.
+        self.addresses = resolve_addresses(address)
+        #: The same, as one ``--meta`` value (what another client is given to reach these services).
+        self.address = ",".join(self.addresses)
         self.timeout = timeout
         #: The token and TLS files every call presents (and the fetcher reuses for nodes).
         self.credentials = credentials if credentials is not None else Credentials.resolve()
-        self._channel = grpcauth.channel(self.address, self.credentials)
-        self._stub = pbg.MetaStub(self._channel)
+        self._channels = [grpcauth.channel(a, self.credentials) for a in self.addresses]
+        self._stubs = [pbg.MetaStub(c) for c in self._channels]
+        self._current = 0  # index of the service in use
         self._nodes: list[NodeInfo] = []
         self._nodes_at = 0.0
         self._lock = threading.Lock()
 
+    @property
+    def current_address(self) -> str:
+        """The service calls go to now."""
+        return self.addresses[self._current]
+
     def close(self) -> None:
-        self._channel.close()
+        for channel in self._channels:
+            channel.close()
+
+    def _use(self, index: int) -> None:
+        """Make service *index* the one calls go to (after it answered)."""
+        if index != self._current:
+            log.warning("metadata service %s is unreachable; using %s", self.addresses[self._current],
+                        self.addresses[index])
+            self._current = index
+
+    def _translate(self, exc: grpc.RpcError, index: int) -> errors.SdcacheError:
+        return translate(exc, self.addresses[index], tls=self.credentials.tls is not None)
 
     def _call(self, name: str, request: Any, *, timeout: float | None = None) -> Any:
-        """One RPC; a read the service would answer again rides out a restart of the service.
+        """One RPC, on the service in use, else on the next that answers; reads ride out restarts.
 
-        gRPC fails a call at once while the connection is down. For the reads
-        in :data:`RIDE_OUT_RESTARTS`, once this client has reached the service,
-        that is taken for a restart (``kill -9`` and back in a second or two):
-        the call is made again, waiting for the service to come back within
-        what is left of *timeout*. A client that never reached it fails at once
-        (a wrong address or TLS setting is one clear error, not a wait).
+        A call that finds no connection to a service (refused, reset, no
+        route: not an error the service sent) is made on the next address of
+        the list, starting from the one in use. A read in
+        :data:`IDEMPOTENT_READS` also moves on after :data:`ATTEMPT_TIMEOUT`
+        of silence while others are left; a write waits its whole *timeout*
+        on the service it went to (moving a write that may have landed would
+        make it twice).
+
+        gRPC fails a call at once while a connection is down. For the reads
+        in :data:`RIDE_OUT_RESTARTS`, once this client has reached a service,
+        every service being down is taken for a restart (``kill -9`` and back
+        in a second or two): the call is made again, waiting for any of them
+        to come back within what is left of *timeout*. A client that never
+        reached one fails at once (a wrong address or TLS setting is one
+        clear error, not a wait).
         """
         timeout = timeout or self.timeout
         deadline = time.monotonic() + timeout
-        try:
-            resp = getattr(self._stub, name)(request, timeout=timeout)
-        except grpc.RpcError as exc:
-            down = _connection_down(exc)
-            if not down and exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:  # type: ignore[attr-defined]
-                self._reached = True  # the service itself answered, with an error
-            if not (down and self._reached and name in RIDE_OUT_RESTARTS):
-                raise translate(exc, self.address, tls=self.credentials.tls is not None) from None
+        n = len(self._stubs)
+        start = self._current
+        read = name in IDEMPOTENT_READS
+        last: tuple[grpc.RpcError, int] | None = None
+        for k in range(n):
+            i = (start + k) % n
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            attempt = min(left, ATTEMPT_TIMEOUT) if read and k < n - 1 else left
             try:
-                resp = getattr(self._stub, name)(request, timeout=max(0.05, deadline - time.monotonic()),
-                                                 wait_for_ready=True)
-            except grpc.RpcError as again:
-                raise translate(again, self.address, tls=self.credentials.tls is not None) from None
-        self._reached = True
-        return resp
+                resp = getattr(self._stubs[i], name)(request, timeout=attempt)
+            except grpc.RpcError as exc:
+                code = exc.code()  # type: ignore[attr-defined]
+                down = _connection_down(exc)
+                silent = code == grpc.StatusCode.DEADLINE_EXCEEDED and attempt < left
+                if not down and code != grpc.StatusCode.DEADLINE_EXCEEDED:
+                    self._reached = True  # the service itself answered, with an error
+                if not (down or silent):
+                    raise self._translate(exc, i) from None
+                last = (exc, i)
+                continue
+            self._use(i)
+            self._reached = True
+            return resp
+        assert last is not None
+        exc, i = last
+        if not (_connection_down(exc) and self._reached and name in RIDE_OUT_RESTARTS):
+            raise self._unreachable(exc, i) from None
+        return self._ride_out(name, request, deadline)
+
+    def _ride_out(self, name: str, request: Any, deadline: float) -> Any:
+        """Wait for any service to come back (see :meth:`_call`), until *deadline*."""
+        n = len(self._stubs)
+        while True:
+            for k in range(n):
+                i = (self._current + k) % n
+                left = deadline - time.monotonic()
+                # One address: wait for it all the time left. Several: a slice each, in turn.
+                wait = max(0.05, left if n == 1 else min(left, 0.25))
+                try:
+                    resp = getattr(self._stubs[i], name)(request, timeout=wait, wait_for_ready=True)
+                except grpc.RpcError as exc:
+                    if time.monotonic() >= deadline or not (_connection_down(exc) or (
+                            exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED)):  # type: ignore[attr-defined]
+                        raise (self._translate(exc, i) if n == 1 else self._unreachable(exc, i)) from None
+                    continue
+                self._use(i)
+                return resp
+
+    def _unreachable(self, exc: grpc.RpcError, index: int) -> errors.SdcacheError:
+        """The error when no service answered: the one address's, or every address named, one line."""
+        err = self._translate(exc, index)
+        if len(self.addresses) == 1 or not isinstance(err, errors.Unavailable):
+            return err
+        return errors.Unavailable(f"none of the metadata services {self.address} answered; the last, {err}")
 
     # -- namespace -----------------------------------------------------------
     def stat(self, path: str) -> Entry:
@@ -207,7 +297,7 @@ class MetaClient:
                 nodes = [node_from_pb(n) for n in resp.nodes]
             except Exception as exc:  # a closed channel raises ValueError
                 err = exc if isinstance(exc, errors.SdcacheError) else errors.Unavailable(
-                    f"metadata service at {self.address}: {exc}")
+                    f"metadata service at {self.current_address}: {exc}")
                 with self._lock:
                     first = not self._nodes_failed_at
                     self._nodes_failed_at = time.monotonic()
@@ -221,7 +311,7 @@ class MetaClient:
                 return nodes
             with self._lock:
                 if self._nodes_failed_at:
-                    log.info("node list refreshed again from %s", self.address)
+                    log.info("node list refreshed again from %s", self.current_address)
                 self._nodes, self._nodes_at = nodes, time.monotonic()
                 self._nodes_failed_at, self._nodes_error = 0.0, None
             return nodes
@@ -241,10 +331,23 @@ class MetaClient:
         return self._call("Unpin", pb.PinRequest(path=path, recursive=recursive)).files
 
     def warmup(self, paths: list[str], *, recursive: bool = False, check: bool = False) -> Iterator[pb.WarmupProgress]:
-        try:
-            yield from self._stub.Warmup(pb.WarmupRequest(paths=paths, recursive=recursive, check=check), timeout=3600)
-        except grpc.RpcError as exc:
-            raise translate(exc, self.address, tls=self.credentials.tls is not None) from None
+        """Progress of a warm-up; one that found no connection before its first report moves to the next service."""
+        request = pb.WarmupRequest(paths=paths, recursive=recursive, check=check)
+        n = len(self._stubs)
+        start = self._current
+        for k in range(n):
+            i = (start + k) % n
+            started = False
+            try:
+                for progress in self._stubs[i].Warmup(request, timeout=3600):
+                    if not started:
+                        self._use(i)
+                        started = True
+                    yield progress
+                return
+            except grpc.RpcError as exc:
+                if started or not _connection_down(exc) or k == n - 1:
+                    raise (self._translate(exc, i) if started or n == 1 else self._unreachable(exc, i)) from None
 
     def evict(self, paths: list[str], *, recursive: bool = False) -> pb.EvictResponse:
         return self._call("Evict", pb.EvictRequest(paths=paths, recursive=recursive), timeout=600)
@@ -254,6 +357,14 @@ class MetaClient:
 
     def store_url(self) -> str:
         return self._call("GetConfig", pb.ConfigRequest()).store_url
+
+    def replicas(self, path: str = "") -> pb.ReplicasResponse:
+        """The replica policy, and *path*'s replica count under it."""
+        return self._call("GetReplicas", pb.ReplicasRequest(path=path))
+
+    def set_replicas(self, path: str, replicas: int) -> pb.ReplicasResponse:
+        """Override the replica count of *path* (a directory or file); 0 drops the override (admin)."""
+        return self._call("SetReplicas", pb.ReplicaRule(path=path, replicas=replicas))
 
     # -- tokens (admin) --------------------------------------------------------
     def create_token(self, role: str, *, name: str = "", ttl: float = 0.0) -> pb.CreateTokenResponse:

@@ -16,6 +16,11 @@ registry however they serve.
                                                           Overloaded), ``corrupt`` (bytes failed the hash)
 ``sdcache_fuse_operations_total{op}``                     FUSE requests handled, by operation
 ``sdcache_fuse_read_size_bytes``                          histogram of FUSE read request sizes
+``sdcache_fuse_page_cache_pushed_bytes_total``            file bytes the mount wrote into the kernel page
+                                                          cache ahead of readers (``notify_store``)
+``sdcache_fuse_page_cache_pushed_open_bytes``             of those, the bytes of files still open: what
+                                                          counts against the limit
+``sdcache_fuse_page_cache_push_limit_bytes``              that limit (``sdcache mount --push-memory``)
 ========================================================= ===============================================
 """
 
@@ -45,3 +50,11 @@ READ_SIZE_BUCKETS = tuple(float(4096 << i) for i in range(13))
 FUSE_READ_SIZE = metrics.histogram(
     "sdcache_fuse_read_size_bytes", "Sizes of the FUSE read requests the mount answered.",
     buckets=READ_SIZE_BUCKETS)
+
+PUSHED_BYTES = metrics.counter(
+    "sdcache_fuse_page_cache_pushed_bytes", "File bytes the mount wrote into the kernel page cache ahead of readers.")
+PUSH_HELD = metrics.gauge(
+    "sdcache_fuse_page_cache_pushed_open_bytes",
+    "Bytes pushed into the kernel page cache for files still open (counted against the push limit).")
+PUSH_LIMIT = metrics.gauge(
+    "sdcache_fuse_page_cache_push_limit_bytes", "Bound on the bytes pushed for files still open.")

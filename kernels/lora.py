@@ -1,13 +1,15 @@
 """LoRAs: parse kohya/A1111 and diffusers/PEFT files, map them onto a base model, switch them in place.
 
-Switching never reloads the base. The first time a LoRA touches a weight, the
-weight's original tensor is set aside (never written) and a working buffer of
-the same size is allocated for it, once. Every switch then writes, for each
-module the new set touches, ``W = W0 + sum_i s_i * up_i @ down_i`` straight
-from the original ``W0`` (one ``addmm`` into the working buffer, in the stored
-dtype), and gives modules that only the old set touched their original tensor
-back. Nothing is ever subtracted, so after A then B the weights are bit for bit
-those of a fresh load with B alone, and removing every LoRA restores the base
+Switching never reloads the base. A new LoRA set runs *unmerged*: each touched
+module adds ``sum_i s_i * up_i(down_i(x))`` to its output through a low-rank
+side path (:mod:`.lora_paths`), so a switch only swaps references -- no weight
+is written and nothing packed from a weight is rebuilt. When requests keep
+using one set, it is *merged* (the K-th request in a row, :data:`MERGE_AFTER`):
+the weight's original tensor is set aside (never written), a working buffer of
+the same size is allocated for it once, and ``W = W0 + sum_i s_i * up_i @
+down_i`` is written into it straight from ``W0``, so steps cost what the base
+costs. Nothing is ever subtracted, so after A then B the outputs are bit for bit
+those of B alone (in the same mode), and removing every LoRA restores the base
 exactly (see :class:`LoraPatcher`).
 
 Key layouts understood:
@@ -192,6 +194,8 @@ class ResolvedLora:
     matched: int
     total: int
     unsupported: int
+    #: (target, device, dtype) -> (down, up, bytes copied): factors made ready for side paths, once
+    _device_factors: dict[Any, tuple[Any, Any, int]] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def summary(self) -> str:
@@ -199,6 +203,22 @@ class ResolvedLora:
         if self.unsupported:
             s += f", {self.unsupported} tensors ignored"
         return s
+
+    def device_factors(self, ref: tuple[str, str],
+                       module: "torch.nn.Module") -> tuple["torch.Tensor", "torch.Tensor", int]:
+        """``(down, up, copied bytes)`` of target *ref* in *module*'s device and dtype, ``down`` in the
+        layer's shape (a conv's kernel), made once per LoRA and reused by every later switch."""
+        w = module.weight
+        key = (ref, w.device, w.dtype)
+        got = self._device_factors.get(key)
+        if got is None:
+            up, down, _ = self.targets[ref]
+            d = down.to(device=w.device, dtype=w.dtype).reshape(down.shape[0], *w.shape[1:]).contiguous()
+            u = up.to(device=w.device, dtype=w.dtype).contiguous()
+            copied = sum(t.numel() * t.element_size() for t, src in ((d, down), (u, up))
+                         if t.untyped_storage().data_ptr() != src.untyped_storage().data_ptr())
+            got = self._device_factors[key] = (d, u, copied)
+        return got
 
 
 def resolve(
@@ -255,91 +275,217 @@ def resolve(
 
 # ----------------------------------------------------------------- patching
 
+#: The default merge rule: the K-th request in a row with the same LoRA set runs merged. See
+#: :class:`LoraPatcher` and benchmarks/RESULTS.md (``bench_lora_switch.py``) for the figures.
+MERGE_AFTER = 2
+
+_Ref = tuple[str, str]
+
 
 class LoraPatcher:
     """Applies a set of resolved LoRAs to a base model's modules and switches sets exactly.
 
-    Each touched weight keeps its original tensor (never written) and gets a
-    working buffer the size of the weight, allocated once and reused by every
-    later switch. Applying writes ``W0 + sum s_i up_i @ down_i`` into the
-    working buffer and makes it the parameter's data; restoring makes the
-    original tensor the parameter's data again. The parameter objects stay the
-    same, so module references (and optimizer state keyed on them) hold.
+    Two ways to apply a LoRA to a module, chosen per request:
 
-    Restoring by handing back the original tensor rather than copying it into
-    the buffer keeps the base model's output bit for bit what it was before
-    any LoRA, not only its weights: CPU kernels may round differently for
-    differently aligned storage.
+    * **side paths** (the default for a new set): the base weight is left alone
+      and the module adds ``sum_i s_i * up_i(down_i(x))`` to its output
+      (:mod:`.lora_paths`). A switch only swaps the factor references the
+      modules hold: milliseconds for an SD1.5 UNet, nothing re-packed. Each
+      denoising step pays for the extra low-rank GEMMs.
+    * **merged**: each touched weight keeps its original tensor (never written)
+      and gets a working buffer the size of the weight, allocated once and
+      reused; applying writes ``W0 + sum_i s_i up_i @ down_i`` into the buffer
+      and makes it the parameter's data (the parameter objects stay the same).
+      Steps cost what the base costs; a switch costs a GEMM per touched weight
+      and, in an optimized pipeline, re-packing what was derived from it.
+
+    The rule (*merge_after* = K, default :data:`MERGE_AFTER`): a request whose
+    LoRA set differs from the previous request's runs on side paths; the K-th
+    request in a row with the same set (scales included) merges it first and
+    it stays merged until the set changes. A change from a merged set restores
+    the originals (reference swaps) and puts the new set on side paths. K = 1
+    merges every set at once (the behaviour before side paths); ``None`` never
+    merges. Modules that cannot take side paths (grouped convolutions, any
+    module of a ``torch.compile``'d component, every module while
+    :attr:`merge_reason` is set) are merged on every request.
+
+    Exactness, in either mode: an output depends only on the base and the set
+    applied (in request order), never on the sets before. After A then B the
+    outputs are bit for bit those of B alone applied the same way; removing
+    every LoRA restores the base exactly -- the original weight tensors come
+    back (not copies: CPU kernels may round differently for differently aligned
+    storage) and the hooks of side paths are removed. Side-path and merged
+    outputs of one set agree within float rounding, not bit for bit.
     """
 
-    def __init__(self, modules: Mapping[str, "torch.nn.Module"]) -> None:
+    def __init__(self, modules: Mapping[str, "torch.nn.Module"], merge_after: int | None = MERGE_AFTER) -> None:
         self._modules = dict(modules)
-        self._originals: dict[tuple[str, str], torch.Tensor] = {}
-        self._buffers: dict[tuple[str, str], torch.Tensor] = {}
+        self._originals: dict[_Ref, torch.Tensor] = {}
+        self._buffers: dict[_Ref, torch.Tensor] = {}
         self.applied: tuple[tuple[str, float], ...] = ()
-        self._touched: set[tuple[str, str]] = set()
+        self.merge_after = merge_after
+        #: When set (say, "the UNet will be compiled"), every set is merged at once; the text says why.
+        self.merge_reason: str | None = None
+        #: ``component.module`` names whose *weights* the last :meth:`switch` rewrote or restored
+        #: (what an optimized pipeline must re-pack: ``optimize.weights_changed``).
+        self.weights_edited: list[str] = []
+        self._merged: set[_Ref] = set()
+        self._sided: dict[_Ref, int] = {}  # module -> bytes of factor copies its side paths hold
+        self._streak = 0
+        self._found: dict[_Ref, torch.nn.Module] = {}
 
     @property
     def extra_nbytes(self) -> int:
-        """Bytes of the working buffers (the originals are the base model's own tensors)."""
-        return sum(t.numel() * t.element_size() for t in self._buffers.values())
+        """Bytes of the working buffers and of side-path factors that had to be copied to the device/dtype."""
+        return sum(t.numel() * t.element_size() for t in self._buffers.values()) + sum(self._sided.values())
 
-    def _param(self, ref: tuple[str, str]) -> "torch.nn.Parameter":
-        return self._modules[ref[0]].get_submodule(ref[1]).weight
+    @property
+    def mode(self) -> str:
+        """How the applied set runs: ``side`` (paths), ``merged``, ``mixed`` or ``""`` (no LoRA)."""
+        if self._sided and self._merged:
+            return "mixed"
+        return "side" if self._sided else ("merged" if self._merged else "")
 
-    def original(self, ref: tuple[str, str]) -> "torch.Tensor":
+    def _module(self, ref: _Ref) -> "torch.nn.Module":
+        m = self._found.get(ref)
+        if m is None:  # looked up once: get_submodule through diffusers' __getattr__ is slow
+            m = self._found[ref] = self._modules[ref[0]].get_submodule(ref[1])
+        return m
+
+    def _param(self, ref: _Ref) -> "torch.nn.Parameter":
+        return self._module(ref).weight
+
+    def original(self, ref: _Ref) -> "torch.Tensor":
         """The untouched weight of module *ref* = (component, module name)."""
         orig = self._originals.get(ref)
         return orig if orig is not None else self._param(ref).data
 
+    def side_path_reason(self, ref: _Ref) -> str | None:
+        """Why module *ref* is merged rather than given side paths, or None when it takes them."""
+        from . import lora_paths
+
+        if self.merge_reason:
+            return self.merge_reason
+        if lora_paths.compiled(self._modules[ref[0]]):
+            return f"the {ref[0]} is torch.compile'd (a side-path change would recompile it)"
+        return lora_paths.unsupported_reason(self._module(ref))
+
     def switch(self, loras: Iterable[tuple[ResolvedLora, float]]) -> list[str]:
         """Make exactly *loras* (with their scales) applied; returns the ``component.module`` names changed.
 
-        A change of the set is timed in ``sdcache_runner_lora_switch_seconds``.
+        Call it once per request, also when the set is the one applied: that is
+        how the merge rule counts requests. A change of the set is timed in
+        ``sdcache_runner_lora_switch_seconds``; :attr:`weights_edited` lists the
+        modules whose weights were written or restored.
         """
         loras = list(loras)
         key = tuple((r.url, float(s)) for r, s in loras)
         if key == self.applied:
+            self._streak += 1
+            self.weights_edited = []
+            if key and self._sided and self.merge_after is not None and self._streak >= self.merge_after:
+                t0 = time.perf_counter()
+                changed = self._apply(loras, key, merge_all=True)
+                log.debug("merged LoRA set %s after %d requests in %.3f s", key, self._streak,
+                          time.perf_counter() - t0)
+                return changed
             return []
+        self._streak = 1
         t0 = time.perf_counter()
         try:
-            return self._switch(loras, key)
+            return self._apply(loras, key, merge_all=self.merge_after is not None and self.merge_after <= 1)
         finally:
             LORA_SWITCH_SECONDS.observe(time.perf_counter() - t0)
 
-    def _switch(self, loras: list[tuple[ResolvedLora, float]], key: tuple[tuple[str, float], ...]) -> list[str]:
+    def _apply(self, loras: list[tuple[ResolvedLora, float]], key: tuple[tuple[str, float], ...],
+               merge_all: bool) -> list[str]:
         import torch
 
-        per_target: dict[tuple[str, str], list[tuple[Any, Any, float]]] = defaultdict(list)
+        from . import lora_paths
+
+        per_target: dict[_Ref, list[tuple[ResolvedLora, float]]] = defaultdict(list)
         for r, scale in loras:
-            for ref, (up, down, f) in r.targets.items():
-                per_target[ref].append((up, down, f * float(scale)))
+            for ref in r.targets:
+                per_target[ref].append((r, float(scale)))
         changed: list[str] = []
+        edited: list[str] = []
+        owners: dict[int, torch.nn.Module] = {}
         with torch.no_grad():
-            for ref in sorted(self._touched - per_target.keys()):
-                self._param(ref).data = self._originals[ref]
+            for ref in sorted((self._merged | self._sided.keys()) - per_target.keys()):
+                self._restore(ref, edited)
+                self._detach(ref, owners)
                 changed.append(f"{ref[0]}.{ref[1]}")
             for ref in sorted(per_target):
-                p = self._param(ref)
-                orig = self._originals.setdefault(ref, p.data)
-                buf = self._buffers.get(ref)
-                if buf is None:
-                    buf = self._buffers[ref] = torch.empty(orig.shape, dtype=orig.dtype, device=orig.device)
-                ups, downs = [], []
-                for up, down, s in per_target[ref]:
-                    ups.append((up.to(device=buf.device, dtype=torch.float32) * s).to(buf.dtype))
-                    downs.append(down.to(device=buf.device, dtype=buf.dtype))
-                up_all = ups[0] if len(ups) == 1 else torch.cat(ups, dim=1)
-                down_all = downs[0] if len(downs) == 1 else torch.cat(downs, dim=0)
-                out2 = buf.view(buf.shape[0], -1)
-                if buf.device.type == "cpu" and buf.dtype in (torch.bfloat16, torch.float16):
-                    # oneDNN runs a half-precision GEMM fast only without the addend (about 2.5x here)
-                    torch.mm(up_all, down_all, out=out2)
-                    out2.add_(orig.reshape(orig.shape[0], -1))
+                if merge_all or self.side_path_reason(ref) is not None:
+                    self._detach(ref, owners)
+                    self._merge(ref, per_target[ref])
+                    edited.append(f"{ref[0]}.{ref[1]}")
                 else:
-                    torch.addmm(orig.reshape(orig.shape[0], -1), up_all, down_all, out=out2)
-                p.data = buf
+                    self._restore(ref, edited)
+                    self._attach(ref, per_target[ref], owners)
                 changed.append(f"{ref[0]}.{ref[1]}")
-        self._touched = set(per_target)
+            for owner in owners.values():
+                lora_paths.sync_fused_owner(owner)
+        self.weights_edited = edited
         self.applied = key
         return changed
+
+    # -- side paths
+    def _owner(self, ref: _Ref, owners: dict[int, "torch.nn.Module"]) -> None:
+        parent, _, leaf = ref[1].rpartition(".")
+        if leaf in ("to_q", "to_k", "to_v") and parent:
+            m = self._module((ref[0], parent))
+            owners[id(m)] = m
+
+    def _attach(self, ref: _Ref, items: list[tuple[ResolvedLora, float]], owners: dict[int, "torch.nn.Module"]) -> None:
+        from .lora_paths import SidePath, set_paths
+
+        module = self._module(ref)
+        paths, copied = [], 0
+        for r, scale in items:
+            down, up, nbytes = r.device_factors(ref, module)
+            paths.append(SidePath(down, up, r.targets[ref][2] * scale))
+            copied += nbytes
+        set_paths(module, tuple(paths))
+        self._sided[ref] = copied
+        self._owner(ref, owners)
+
+    def _detach(self, ref: _Ref, owners: dict[int, "torch.nn.Module"]) -> None:
+        if ref in self._sided:
+            from .lora_paths import set_paths
+
+            set_paths(self._module(ref), ())
+            del self._sided[ref]
+            self._owner(ref, owners)
+
+    # -- merging
+    def _restore(self, ref: _Ref, edited: list[str]) -> None:
+        if ref in self._merged:
+            self._param(ref).data = self._originals[ref]
+            self._merged.discard(ref)
+            edited.append(f"{ref[0]}.{ref[1]}")
+
+    def _merge(self, ref: _Ref, items: list[tuple[ResolvedLora, float]]) -> None:
+        import torch
+
+        p = self._param(ref)
+        orig = self._originals.setdefault(ref, p.data)
+        buf = self._buffers.get(ref)
+        if buf is None:
+            buf = self._buffers[ref] = torch.empty(orig.shape, dtype=orig.dtype, device=orig.device)
+        ups, downs = [], []
+        for r, scale in items:
+            up, down, f = r.targets[ref]
+            ups.append((up.to(device=buf.device, dtype=torch.float32) * (f * scale)).to(buf.dtype))
+            downs.append(down.to(device=buf.device, dtype=buf.dtype))
+        up_all = ups[0] if len(ups) == 1 else torch.cat(ups, dim=1)
+        down_all = downs[0] if len(downs) == 1 else torch.cat(downs, dim=0)
+        out2 = buf.view(buf.shape[0], -1)
+        if buf.device.type == "cpu" and buf.dtype in (torch.bfloat16, torch.float16):
+            # oneDNN runs a half-precision GEMM fast only without the addend (about 2.5x here)
+            torch.mm(up_all, down_all, out=out2)
+            out2.add_(orig.reshape(orig.shape[0], -1))
+        else:
+            torch.addmm(orig.reshape(orig.shape[0], -1), up_all, down_all, out=out2)
+        p.data = buf
+        self._merged.add(ref)

@@ -134,6 +134,15 @@ class ByteLRU(Generic[V]):
                 e.nbytes = int(nbytes)
                 self._evict_until(self.budget)
 
+    def make_room(self, nbytes: int) -> None:
+        """Evict unpinned entries, oldest first, until *nbytes* more would fit the budget.
+
+        Called before a new model is built, so that a tier with room for one model
+        frees the previous one first: the peak is one built model, not two.
+        """
+        with self._lock:
+            self._evict_until(max(0, self.budget - int(nbytes)))
+
     def pin(self, key: Hashable) -> None:
         with self._lock:
             e = self._items.get(key)

@@ -290,7 +290,8 @@ class Runner:
         tiers: list[TierRow] = []
         pinned: list[Any] = []
         try:
-            if bundle is None:
+            if bundle is None:  # free the models this one displaces before building it, not after
+                self.cache.device.make_room(sum(tensors_nbytes(files[u][0].values()) for u in src.urls))
                 bundle = self._build_base(src, files, tiers)
                 self.cache.device.put(base_key, bundle, bundle.nbytes, pin=True)
             else:
@@ -475,12 +476,18 @@ class Runner:
             chosen.append((r, lo.scale))
             tier = TIER_DEVICE if already else (TIER_RAM if lora_cached[lo.url] else files[lo.url][1])
             tiers.append(TierRow("lora", lo.url, tier, f"x{lo.scale:g}, {r.summary}"))
+        if self._optimizer is not None and bundle.patcher.merge_reason is None:
+            from .lora_paths import compile_expected
+
+            if compile_expected(self.device):  # hooks on a compiled UNet would recompile it on every switch
+                bundle.patcher.merge_reason = "the optimized pipeline is torch.compile'd"
         changed = bundle.patcher.switch(chosen)
         if changed:
             self.cache.device.resize(base_key, bundle.nbytes + bundle.patcher.extra_nbytes)
-            if self._optimizer is not None:
+            edited = bundle.patcher.weights_edited  # side paths leave weights (and what is packed from them) alone
+            if self._optimizer is not None and edited:
                 for pipe in bundle.pipes.values():
-                    self._optimizer[1](pipe, changed)
+                    self._optimizer[1](pipe, edited)
         if len(bundle.resolved) > 16:  # keep the mapped factors of recent LoRAs only
             keep = {u for u, _ in bundle.patcher.applied}
             for u in list(bundle.resolved)[: len(bundle.resolved) - 16]:

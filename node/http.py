@@ -20,8 +20,11 @@ request.
 ``HEAD /chunks/{id}``
     200 if the pool holds it, else 404.
 ``POST /has`` ``{"ids": [...]}`` -> ``{"present": [...]}``
-``POST /warm`` ``{"path", "ids": [...]}`` ->
-    ``{"loaded", "bytes", "present", "failed": [{"id", "error", "message"}], "no_space"}``
+``POST /warm`` ``{"path", "ids": [...], "peers"?: [node ids], "peers_only"?: bool}`` ->
+    ``{"loaded", "bytes", "present", "failed": [{"id", "error", "message"}], "no_space"}``.
+    Each chunk comes from a peer node holding it when there is one (the nodes
+    named in ``peers`` first; see :mod:`.peers`), else the under-store; with
+    ``peers_only`` (re-replication) never the under-store.
 ``POST /evict`` ``{"path"?, "ids"?}`` (at least one) -> ``{"chunks", "bytes"}``
 ``GET /stats``: the node's counters as JSON.
 ``GET /metrics``: the same counters, and latency histograms, for Prometheus (:mod:`.metrics`).
@@ -63,6 +66,7 @@ log = logging.getLogger(__name__)
 
 MAX_BODY = 8 << 20  # /warm, /has and /evict list up to ~100,000 ids
 MAX_IDS = 100_000  # ids one request may name
+MAX_PEERS = 256  # node ids one /warm may name as peers
 HIT_HEADER = "X-Sdcache-Hit"
 _OCTETS = "application/octet-stream"
 
@@ -204,7 +208,7 @@ class NodeApp:
         budget.try_take(reserved)
         try:
             data, hit = await self.service.get(chunk_id, path)
-            self.service.pool.record_served(len(data), hit)
+            self.service.pool.record_served(len(data), hit, peer=not hit and self.service.came_from_peer(chunk_id))
             # StreamResponse with the headers sent on their own: aiohttp would
             # otherwise join them with the body, one more 4 MiB copy per GET on
             # Python 3.11 (see benchmarks/bench_node.py).
@@ -237,7 +241,15 @@ class NodeApp:
         path = _opt_path(body.get("path"))
         if path is None:
             raise InvalidArgument('warm needs the file\'s "path"')
-        return web.json_response(await self.service.warm(path, _check_ids(body.get("ids"), "warm")))
+        peers = body.get("peers", [])
+        if not isinstance(peers, list) or len(peers) > MAX_PEERS or not all(
+                isinstance(p, str) and 0 < len(p) <= 128 for p in peers):
+            raise InvalidArgument(f'warm: "peers" must be a list of at most {MAX_PEERS} node ids')
+        peers_only = body.get("peers_only", False)
+        if not isinstance(peers_only, bool):
+            raise InvalidArgument('warm: "peers_only" must be true or false')
+        return web.json_response(await self.service.warm(path, _check_ids(body.get("ids"), "warm"),
+                                                         peers=peers, peers_only=peers_only))
 
     async def evict(self, request: web.Request) -> web.StreamResponse:
         body = await _json(request)
@@ -259,6 +271,8 @@ class NodeApp:
         s["overloaded"] = self.service.budget.refused
         s["manifest_lookups"] = self.service.locator.lookups
         s["pinned_ids"] = len(self.service.pool.pinned)  # pinned by the service; "pinned" = of those, held here
+        if self.service.peers is not None:
+            s.update(self.service.peers.stats.as_dict())
         s.update(self._info())
         return web.json_response(s)
 

@@ -59,6 +59,7 @@ class _Cached:
     fetched: float
     source: str
     ranges: dict[str, tuple[int, int]]
+    manifest: Manifest | None = None  # for placement: where else the chunk lives (node/peers.py)
 
 
 class SourceLocator:
@@ -81,6 +82,11 @@ class SourceLocator:
         """
         entry = self._cache.get(path)
         return entry is not None and chunk_id in entry.ranges
+
+    def manifest(self, path: str | None) -> Manifest | None:
+        """The committed manifest of *path* last read here (no RPC), or None."""
+        entry = self._cache.get(path) if path is not None else None
+        return entry.manifest if entry is not None else None
 
     async def locate(self, path: str, chunk_id: str) -> SourceRange:
         """The range of *chunk_id* in *path*'s committed manifest."""
@@ -113,7 +119,7 @@ class SourceLocator:
                 raise Unavailable(f"{path} has no source and the metadata service named no store")
             if self.allowed and not any(_as_url(source).startswith(_as_url(p)) for p in self.allowed):
                 raise PermissionDenied(f"{path}: its source {source} is outside this node's --allow-source")
-            entry = _Cached(time.monotonic(), source, {c.id: (c.offset, c.length) for c in m.chunks})
+            entry = _Cached(time.monotonic(), source, {c.id: (c.offset, c.length) for c in m.chunks}, m)
             self._cache[path] = entry
             self._cache.move_to_end(path)
             while len(self._cache) > MAX_ENTRIES:

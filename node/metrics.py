@@ -20,7 +20,7 @@ No metric carries a node label: Prometheus adds ``instance``.
 ``sdcache_node_chunk_request_seconds{result}``            histogram of the same, from the request reaching
                                                           the chunk logic to its bytes being ready
 ``sdcache_node_served_bytes_total{source}``               chunk bytes sent: ``pool``, ``understore`` (read
-                                                          through), ``peer`` (0 until replication)
+                                                          through), ``peer`` (a miss another node filled)
 ``sdcache_node_pool_bytes`` / ``_capacity_bytes`` /       the pool now (bytes held include evicted chunks a
 ``_chunks`` / ``_pinned_bytes``                           same-host reader still maps)
 ``sdcache_node_pool_evictions_total``                     chunks evicted
@@ -82,7 +82,7 @@ class NodeCollector:
                                      labels=["source"])
         served.add_metric(["pool"], s.served_pool_bytes)
         served.add_metric(["understore"], s.served_understore_bytes)
-        served.add_metric(["peer"], 0)
+        served.add_metric(["peer"], s.served_peer_bytes)
         yield served
         yield GaugeMetricFamily("sdcache_node_pool_bytes", "Bytes the pool holds (present, being written, and "
                                 "evicted but still mapped by a same-host reader).", value=s.used)

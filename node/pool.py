@@ -193,7 +193,7 @@ class PoolStats:
     same-host reader's mapping still holds. ``misses`` includes
     ``corrupt_reads`` (reads that found a bad copy and dropped it);
     ``corrupt_dropped`` also counts bad files dropped at :meth:`ChunkPool.load`.
-    ``bytes_served`` is ``served_pool_bytes + served_understore_bytes``.
+    ``bytes_served`` is ``served_pool_bytes + served_understore_bytes + served_peer_bytes``.
     These counters are the node's one source of truth: ``/stats``,
     ``/metrics`` (:mod:`.metrics`) and the heartbeat all read them here.
     """
@@ -211,6 +211,7 @@ class PoolStats:
     bytes_served: int
     served_pool_bytes: int
     served_understore_bytes: int
+    served_peer_bytes: int
     corrupt_dropped: int
     corrupt_reads: int
     rejected: int
@@ -256,6 +257,7 @@ class ChunkPool:
         self.evicted_bytes = 0
         self.served_pool_bytes = 0
         self.served_understore_bytes = 0
+        self.served_peer_bytes = 0
         self.corrupt_dropped = 0
         self.corrupt_reads = 0
         self.rejected = 0
@@ -441,7 +443,7 @@ class ChunkPool:
 
     @property
     def bytes_served(self) -> int:
-        return self.served_pool_bytes + self.served_understore_bytes
+        return self.served_pool_bytes + self.served_understore_bytes + self.served_peer_bytes
 
     def stats(self) -> PoolStats:
         """The counters now; first frees evicted chunks whose mappings have gone."""
@@ -464,6 +466,7 @@ class ChunkPool:
                 bytes_served=self.bytes_served,
                 served_pool_bytes=self.served_pool_bytes,
                 served_understore_bytes=self.served_understore_bytes,
+                served_peer_bytes=self.served_peer_bytes,
                 corrupt_dropped=self.corrupt_dropped,
                 corrupt_reads=self.corrupt_reads,
                 rejected=self.rejected,
@@ -532,11 +535,14 @@ class ChunkPool:
             self._touch(chunk_id, path)
             return True
 
-    def record_served(self, nbytes: int, hit: bool = True) -> None:
-        """Count *nbytes* sent to a client: from the pool (*hit*) or read through from the under-store."""
+    def record_served(self, nbytes: int, hit: bool = True, *, peer: bool = False) -> None:
+        """Count *nbytes* sent to a client: from the pool (*hit*), else fetched from a peer node
+        (*peer*) or read through from the under-store."""
         with self._lock:
             if hit:
                 self.served_pool_bytes += nbytes
+            elif peer:
+                self.served_peer_bytes += nbytes
             else:
                 self.served_understore_bytes += nbytes
 

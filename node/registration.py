@@ -8,6 +8,12 @@ keys and revocations (``AuthState``) whenever the auth generation changes, so
 a revoked token stops working here within one heartbeat.
 
 Every call carries the node's own token (role ``node``).
+
+*meta* may list several services over one store (``a:7070,b:7070``): the
+node talks to one at a time and moves to the next when a call finds no
+connection (or the service does not answer), so it stays registered and
+reachable for confined reads while any of them is up. The registry, pins and
+revocations live in the shared store, so the next service already knows it.
 """
 
 from __future__ import annotations
@@ -23,9 +29,10 @@ from sdcache import auth
 from sdcache._proto import meta_pb2 as pb
 from sdcache._proto import meta_pb2_grpc as pbg
 from sdcache.errors import Unavailable
+from sdcache.hostport import split_hostports
 from sdcache.manifest import Manifest
 from sdcache.meta import grpcauth
-from sdcache.meta.convert import error_from_rpc, manifest_from_proto
+from sdcache.meta.convert import ERROR_TRAILER, error_from_rpc, manifest_from_proto
 from sdcache.tls import Credentials
 
 from .pool import ChunkPool
@@ -42,24 +49,31 @@ MISSED_HEARTBEATS = 3
 READY_GRACE = 1.0
 
 
+def _moves_on(e: grpc.aio.AioRpcError) -> bool:
+    """Whether a failed call is worth making on the next service: no connection, or no answer in time."""
+    named = dict(e.trailing_metadata() or ()).get(ERROR_TRAILER)
+    return not named and e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
 def unpack_ids(blob: bytes) -> list[str]:
     """16-byte xxh3-128 digests, concatenated, to hex chunk ids."""
     return [blob[i : i + 16].hex() for i in range(0, len(blob) - len(blob) % 16, 16)]
 
 
 class Registration:
-    """Keeps one node registered with the metadata service at *meta*."""
+    """Keeps one node registered with the metadata service at *meta* (``HOST:PORT``, or a comma list)."""
 
     def __init__(self, meta: str, node: Callable[[], pb.Node], pool: ChunkPool, *,
                  credentials: Credentials, verifier: auth.TokenVerifier) -> None:
-        self.meta = meta
+        self.addresses = split_hostports(meta, what="--meta")
+        self._current = 0
+        self._stubs: list[pbg.MetaStub] = []
         self._node = node
         self._pool = pool
         self._credentials = credentials
         self.verifier = verifier
         self.auth_generation: int | None = None
         self.store_url = ""
-        self._stub: pbg.MetaStub | None = None
         self.registered = asyncio.Event()
         self.registrations = 0
         self.heartbeats = 0
@@ -67,19 +81,41 @@ class Registration:
         self.heartbeat_interval = DEFAULT_HEARTBEAT
         self.last_contact: float | None = None  # monotonic time the service last answered a register/heartbeat
 
+    @property
+    def meta(self) -> str:
+        """The metadata service in use."""
+        return self.addresses[self._current]
+
+    @property
+    def _stub(self) -> pbg.MetaStub:
+        return self._stubs[self._current]
+
+    def _next_service(self) -> None:
+        """After a call found no connection: the next address, if there are several."""
+        if len(self.addresses) > 1:
+            before = self.meta
+            self._current = (self._current + 1) % len(self.addresses)
+            log.warning("metadata service %s is unreachable; trying %s", before, self.meta)
+
     async def run(self) -> None:
         """Run until cancelled."""
-        async with grpcauth.aio_channel(self.meta, self._credentials) as channel:
-            stub = self._stub = pbg.MetaStub(channel)
+        channels = [grpcauth.aio_channel(a, self._credentials) for a in self.addresses]
+        self._stubs = [pbg.MetaStub(c) for c in channels]
+        try:
             while True:
-                await self._register(stub)
-                await self._heartbeat_until_forgotten(stub)
+                await self._register()
+                await self._heartbeat_until_forgotten()
+        finally:
+            self._stubs = []
+            for channel in channels:
+                await channel.close()
 
-    async def _register(self, stub: pbg.MetaStub) -> None:
+    async def _register(self) -> None:
         delay = BACKOFF_START
         failures = 0
         while True:
             node = self._node()
+            stub = self._stub
             try:
                 resp = await stub.RegisterNode(node, timeout=RPC_TIMEOUT)
                 self.last_contact = time.monotonic()
@@ -101,6 +137,8 @@ class Registration:
                 # certificate not allowed for client use under mutual TLS).
                 log.log(level, "cannot register with metadata service %s (%s: %s), retrying", self.meta,
                         e.code().name, e.details())
+                if _moves_on(e):
+                    self._next_service()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, BACKOFF_MAX)
         self.registrations += 1
@@ -113,17 +151,23 @@ class Registration:
         self.registered.set()
         await self._sync_pins(stub, resp.pins_generation)
 
-    async def _heartbeat_until_forgotten(self, stub: pbg.MetaStub) -> None:
+    async def _heartbeat_until_forgotten(self) -> None:
         while True:
             await asyncio.sleep(self.heartbeat_interval)
             st = self._pool.stats()
             node_id = self._node().node_id
+            stub = self._stub
+            # Several services: a silent one must not cost the node its liveness (dropped after
+            # MISSED_HEARTBEATS intervals), so wait one interval for it, then try the next.
+            timeout = RPC_TIMEOUT if len(self.addresses) == 1 else max(1.0, self.heartbeat_interval)
             try:
                 resp = await stub.Heartbeat(
-                    pb.HeartbeatRequest(node_id=node_id, used=st.used, chunks=st.chunks), timeout=RPC_TIMEOUT
+                    pb.HeartbeatRequest(node_id=node_id, used=st.used, chunks=st.chunks), timeout=timeout
                 )
             except grpc.aio.AioRpcError as e:
                 log.warning("heartbeat to %s failed (%s)", self.meta, e.code().name)
+                if _moves_on(e):
+                    self._next_service()
                 continue
             self.heartbeats += 1
             self.last_contact = time.monotonic()
@@ -164,11 +208,31 @@ class Registration:
         return True
 
     async def get_manifest(self, path: str) -> Manifest:
-        """The committed manifest of *path*, asked with this node's token (confined read-through)."""
-        if self._stub is None:
+        """The committed manifest of *path*, asked with this node's token (confined read-through).
+
+        With several services, one that finds no connection is followed by the next.
+        """
+        if not self._stubs:
+            raise Unavailable(f"not connected to the metadata service {self.meta} yet")
+        n = len(self._stubs)
+        for k in range(n):
+            i = (self._current + k) % n
+            try:
+                reply = await self._stubs[i].GetManifest(pb.PathRequest(path=path), timeout=RPC_TIMEOUT)
+            except grpc.aio.AioRpcError as e:
+                named = dict(e.trailing_metadata() or ()).get(ERROR_TRAILER)
+                if k == n - 1 or named or e.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise error_from_rpc(e) from None
+                continue
+            return manifest_from_proto(reply)
+        raise AssertionError("unreachable")
+
+    async def list_nodes(self) -> list[pb.Node]:
+        """The live nodes, asked with this node's token (where its peers are, node/peers.py)."""
+        if not self._stubs:
             raise Unavailable(f"not connected to the metadata service {self.meta} yet")
         try:
-            return manifest_from_proto(await self._stub.GetManifest(pb.PathRequest(path=path), timeout=RPC_TIMEOUT))
+            return list((await self._stub.ListNodes(pb.NodesRequest(), timeout=RPC_TIMEOUT)).nodes)
         except grpc.aio.AioRpcError as e:
             raise error_from_rpc(e) from None
 

@@ -24,11 +24,14 @@ from sdcache import DEFAULT_META, auth, logs, tls
 from sdcache._proto import meta_pb2 as pb
 from sdcache.errors import CapacityExceeded, InvalidArgument, SdcacheError
 from sdcache.hostid import host_id
-from sdcache.hostport import join_hostport, split_hostport
+from sdcache.hostport import join_hostport, split_hostport, split_hostports
+from sdcache.meta.convert import node_info_from_proto
+from sdcache.placement import NodeInfo, check_zone
 from sdcache.units import format_size, parse_size
 
 from .http import NodeApp
 from .locator import SourceLocator
+from .peers import Peers
 from .pool import ChunkPool, default_pool_dir
 from .registration import Registration
 from .service import DEFAULT_MAX_INFLIGHT, ChunkService
@@ -77,7 +80,9 @@ class NodeServer:
         require_client_cert: bool = False,
         max_inflight: int = DEFAULT_MAX_INFLIGHT,
         allow_sources: tuple[str, ...] = (),
+        zone: str = "",
     ) -> None:
+        self.zone = check_zone(zone)
         if role not in ROLES:
             raise InvalidArgument(f"role must be one of {', '.join(ROLES)}, not {role!r}")
         if capacity <= 0:
@@ -107,6 +112,7 @@ class NodeServer:
         self.registration: Registration | None = None
         self._runner: web.AppRunner | None = None
         self._reg_task: asyncio.Task[None] | None = None
+        self.peers: Peers | None = None
 
     def _node_pb(self) -> pb.Node:
         assert self.pool is not None
@@ -120,6 +126,7 @@ class NodeServer:
             pool_dir=self.pool.pool_dir,
             used=st.used,
             chunks=st.chunks,
+            zone=self.zone,
         )
 
     def _info(self) -> dict[str, Any]:
@@ -127,6 +134,7 @@ class NodeServer:
         return {
             "node_id": self.node_id,
             "role": self.role,
+            "zone": self.zone,
             "pool_dir": self.pool.pool_dir,
             "host_id": host_id(),
             "address": self.advertise or self.address,
@@ -183,9 +191,14 @@ class NodeServer:
                                                  verifier=self.verifier)
                 reg = self.registration
                 locator = SourceLocator(reg.get_manifest, lambda: reg.store_url, self.allow_sources)
+
+                async def live_nodes() -> list[NodeInfo]:
+                    return [node_info_from_proto(n) for n in await reg.list_nodes()]
+
+                self.peers = Peers(lambda: self.node_id, live_nodes, self.credentials)
             else:
                 locator = SourceLocator(None)
-            self.service = ChunkService(pool, locator=locator, max_inflight=self.max_inflight)
+            self.service = ChunkService(pool, locator=locator, max_inflight=self.max_inflight, peers=self.peers)
             app = NodeApp(self.service, self._info, self.verifier, self.not_ready).make_app()
             self._runner = web.AppRunner(app, access_log=None, keepalive_timeout=KEEPALIVE_S)
             await self._runner.setup()
@@ -220,6 +233,9 @@ class NodeServer:
             self._runner = None
         if self.service is not None:
             await self.service.flights.close()
+            await self.service.peer_flights.close()
+        if self.peers is not None:
+            await self.peers.close()
         if self.pool is not None:
             self.pool.close()
 
@@ -264,13 +280,17 @@ async def serve(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``sdcache node`` options."""
     parser.add_argument("--meta", default=os.environ.get("SDCACHE_META") or DEFAULT_META,
-                        help="metadata service HOST:PORT (default: $SDCACHE_META or %(default)s); "
+                        help="metadata service HOST:PORT, or HOST:PORT,HOST:PORT,... for several over one store "
+                        "(default: $SDCACHE_META or %(default)s); "
                         "'none' runs a standalone node that registers nowhere")
     parser.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT to serve chunks on (default %(default)s)")
     parser.add_argument("--advertise", default=None,
                         help="HOST:PORT clients should use (default: the listen address)")
     parser.add_argument("--capacity", default="8GiB", help="pool size in bytes, e.g. 8GiB (default %(default)s)")
     parser.add_argument("--role", choices=ROLES, default="memory", help="gpu or memory (default %(default)s)")
+    parser.add_argument("--zone", default=os.environ.get("SDCACHE_ZONE", ""),
+                        help="failure domain (rack, room, cloud zone): replicas of a chunk go to distinct zones, "
+                        "and readers with the same SDCACHE_ZONE prefer this node (default $SDCACHE_ZONE or none)")
     parser.add_argument("--pool-dir", default=None,
                         help="shared-memory pool directory (default /dev/shm/sdcache/<node-id>)")
     parser.add_argument("--node-id", default=None,
@@ -294,7 +314,10 @@ def main(args: argparse.Namespace) -> int:
     logs.configure(getattr(args, "log_format", "text"))
     try:
         capacity = parse_size(args.capacity)
+        check_zone(args.zone)
         split_hostport(args.listen, what="--listen")
+        if args.meta not in ("none", ""):
+            split_hostports(args.meta, what="--meta")
         credentials = tls.Credentials(
             None if args.insecure_no_auth else auth.resolve_token(args.token_file),
             tls.TlsFiles.resolve(args.tls_cert, args.tls_key, args.tls_ca, env={}),
@@ -321,7 +344,7 @@ async def _run(args: argparse.Namespace, capacity: int, credentials: tls.Credent
         node_id=args.node_id, advertise=getattr(args, "advertise", None), ready_file=args.ready_file, stop=stop,
         credentials=credentials, insecure_no_auth=args.insecure_no_auth,
         require_client_cert=args.tls_require_client_cert, max_inflight=parse_size(args.max_inflight),
-        allow_sources=tuple(args.allow_source),
+        allow_sources=tuple(args.allow_source), zone=args.zone,
     )
     log.info("node stopped")
     return 0

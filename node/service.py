@@ -29,6 +29,7 @@ from sdcache.units import format_size
 
 from . import metrics
 from .locator import SourceLocator, SourceRange
+from .peers import Peers
 from .pool import ChunkPool
 from .singleflight import SingleFlight
 from .underfs import UnderStore
@@ -78,17 +79,28 @@ class InflightBudget:
 class ChunkService:
     """Serve chunks from the pool, reading through from the under-store on a miss.
 
-    Read-through reads only ranges that *locator* finds in committed manifests.
+    Read-through reads only ranges that *locator* finds in committed manifests,
+    from a peer node that holds the chunk when *peers* finds one, else from the
+    under-store.
     """
 
     def __init__(self, pool: ChunkPool, under: UnderStore | None = None, *,
-                 locator: SourceLocator | None = None, max_inflight: int = DEFAULT_MAX_INFLIGHT) -> None:
+                 locator: SourceLocator | None = None, max_inflight: int = DEFAULT_MAX_INFLIGHT,
+                 peers: Peers | None = None) -> None:
         self.pool = pool
         self.under = under or UnderStore()
         self.locator = locator or SourceLocator(None)
+        self.peers = peers
         self.budget = InflightBudget(max_inflight)
         self.flights: SingleFlight[str, tuple[bytes, bool]] = SingleFlight()
+        self.peer_flights: SingleFlight[str, tuple[bytes, bool]] = SingleFlight()
         self._flight_src: dict[str, str] = {}
+        # Ids whose last read-through a peer served (the HTTP adapter's served-bytes counters).
+        self._from_peer: set[str] = set()
+
+    def came_from_peer(self, chunk_id: str) -> bool:
+        """Whether the last read-through of *chunk_id* was served by a peer node (not the under-store)."""
+        return chunk_id in self._from_peer
 
     async def read_pool(self, chunk_id: str, path: str | None) -> tuple[bytes | None, str]:
         """Verified bytes from the pool or None, and the result: ``hit``, ``miss`` or ``corrupt``."""
@@ -96,26 +108,30 @@ class ChunkService:
             return self.pool.lookup(chunk_id, path)  # counts the miss; touches no file
         return await asyncio.to_thread(self.pool.lookup, chunk_id, path)
 
-    async def read_through(self, chunk_id: str, where: SourceRange, path: str | None) -> tuple[bytes, bool]:
-        """Fetch a chunk from the under-store (one fetch per id at a time) and keep it if it fits.
+    async def read_through(self, chunk_id: str, where: SourceRange, path: str | None, *,
+                           hints: list[str] | None = None, peers_only: bool = False) -> tuple[bytes, bool]:
+        """Fetch a chunk from a peer node, else the under-store (one fetch per id at a time), and keep it if it fits.
 
         *where* comes from a committed manifest (:class:`SourceLocator`), never
-        from a request. Returns (bytes, kept). Raises StaleSource or Unavailable.
+        from a request. Peers are asked first (*hints*, node ids, before the
+        chunk's other owners); with *peers_only* a chunk no peer holds is
+        :class:`NotFound` and the under-store is not read. Returns (bytes,
+        kept). Raises StaleSource or Unavailable.
         """
         src = where.url
+        if peers_only:
+            return await self._from_peers(chunk_id, where, path, hints or [])
 
         async def flight() -> tuple[bytes, bool]:
+            data = await self._peer_bytes(chunk_id, where, path, hints or [])
+            if data is not None:
+                if len(self._from_peer) >= 65_536:  # a hint for the counters, not a record: bounded
+                    self._from_peer.clear()
+                self._from_peer.add(chunk_id)
+                return await self._keep(chunk_id, data, path)
+            self._from_peer.discard(chunk_id)
             data = await self.under.read(src, where.offset, where.length, chunk_id)
-            try:
-                await asyncio.to_thread(self.pool.put, chunk_id, data, path)
-            except CapacityExceeded as e:
-                log.debug("not keeping chunk %s: %s", chunk_id, e, extra={"chunk": chunk_id, "path": path})
-                return data, False
-            except OSError as e:
-                log.warning("cannot write chunk %s to the pool: %s", chunk_id, e,
-                            extra={"chunk": chunk_id, "path": path})
-                return data, False
-            return data, True
+            return await self._keep(chunk_id, data, path)
 
         flight_src = self._flight_src.get(chunk_id) if self.flights.in_flight(chunk_id) else None
         if flight_src is None:
@@ -131,6 +147,39 @@ class ChunkService:
         finally:
             if not self.flights.in_flight(chunk_id):
                 self._flight_src.pop(chunk_id, None)
+        if joined and kept and path is not None:
+            self.pool.touch(chunk_id, path)
+        return data, kept
+
+    async def _peer_bytes(self, chunk_id: str, where: SourceRange, path: str | None,
+                          hints: list[str]) -> bytes | None:
+        if self.peers is None:
+            return None
+        return await self.peers.fetch(chunk_id, where.length, manifest=self.locator.manifest(path), hints=hints)
+
+    async def _keep(self, chunk_id: str, data: bytes, path: str | None) -> tuple[bytes, bool]:
+        try:
+            await asyncio.to_thread(self.pool.put, chunk_id, data, path)
+        except CapacityExceeded as e:
+            log.debug("not keeping chunk %s: %s", chunk_id, e, extra={"chunk": chunk_id, "path": path})
+            return data, False
+        except OSError as e:
+            log.warning("cannot write chunk %s to the pool: %s", chunk_id, e, extra={"chunk": chunk_id, "path": path})
+            return data, False
+        return data, True
+
+    async def _from_peers(self, chunk_id: str, where: SourceRange, path: str | None,
+                          hints: list[str]) -> tuple[bytes, bool]:
+        """Re-replication: the chunk from a peer (its own flight, so a reader never waits on a
+        peers-only fetch that may find nothing) or :class:`NotFound`."""
+
+        async def flight() -> tuple[bytes, bool]:
+            data = await self._peer_bytes(chunk_id, where, path, hints)
+            if data is None:
+                raise NotFound(f"no peer node holds chunk {chunk_id}")
+            return await self._keep(chunk_id, data, path)
+
+        (data, kept), joined = await self.peer_flights.do(chunk_id, flight)
         if joined and kept and path is not None:
             self.pool.touch(chunk_id, path)
         return data, kept
@@ -156,8 +205,14 @@ class ChunkService:
         finally:
             metrics.CHUNK_REQUEST_SECONDS_BY_RESULT[result].observe(time.perf_counter() - t0)
 
-    async def warm(self, path: str, ids: list[str]) -> dict[str, Any]:
-        """Load chunks *ids* of file *path* into the pool, up to WARM_CONCURRENCY at a time."""
+    async def warm(self, path: str, ids: list[str], *, peers: list[str] | None = None,
+                   peers_only: bool = False) -> dict[str, Any]:
+        """Load chunks *ids* of file *path* into the pool, up to WARM_CONCURRENCY at a time.
+
+        Each chunk comes from a peer node that holds it (*peers* asked first)
+        when there is one, else from the under-store; with *peers_only*
+        (re-replication) never from the under-store.
+        """
         result: dict[str, Any] = {"loaded": 0, "bytes": 0, "present": 0, "failed": [], "no_space": 0}
         sem = asyncio.Semaphore(WARM_CONCURRENCY)
 
@@ -173,7 +228,8 @@ class ChunkService:
                         return
                     await self.budget.take(where.length)
                     try:
-                        _, kept = await self.read_through(chunk_id, where, path)
+                        _, kept = await self.read_through(chunk_id, where, path, hints=peers,
+                                                          peers_only=peers_only)
                     finally:
                         await self.budget.give(where.length)
                 except SdcacheError as e:

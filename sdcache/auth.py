@@ -61,6 +61,8 @@ METHOD_ROLES: Mapping[str, str] = {
     "ListNodes": "read",
     "Stats": "read",
     "GetConfig": "read",
+    "GetReplicas": "read",
+    "SetReplicas": "admin",
     "RegisterNode": "node",
     "Heartbeat": "node",
     "PinnedChunks": "node",

@@ -210,13 +210,14 @@ def cmd_rm(args: argparse.Namespace) -> int:
 def cmd_nodes(args: argparse.Namespace) -> int:
     nodes = _meta(args).nodes_raw(include_dead=args.all)
     rows = [{"node_id": n.node_id, "address": n.address, "role": n.role, "capacity": n.capacity, "used": n.used,
-             "chunks": n.chunks, "alive": n.alive, "host_id": n.host_id, "pool_dir": n.pool_dir} for n in nodes]
+             "chunks": n.chunks, "alive": n.alive, "host_id": n.host_id, "pool_dir": n.pool_dir, "zone": n.zone}
+            for n in nodes]
     if args.json:
         _print_json(rows)
         return 0
-    print(f"{'NODE':<28} {'ADDRESS':<22} {'ROLE':<7} {'USED':>12} {'CAPACITY':>12} {'CHUNKS':>7} ALIVE")
+    print(f"{'NODE':<28} {'ADDRESS':<22} {'ZONE':<12} {'ROLE':<7} {'USED':>12} {'CAPACITY':>12} {'CHUNKS':>7} ALIVE")
     for r in rows:
-        print(f"{r['node_id']:<28} {r['address']:<22} {r['role']:<7} {format_size(r['used']):>12} "
+        print(f"{r['node_id']:<28} {r['address']:<22} {r['zone'] or '-':<12} {r['role']:<7} {format_size(r['used']):>12} "
               f"{format_size(r['capacity']):>12} {r['chunks']:>7} {'yes' if r['alive'] else 'no'}")
     return 0
 
@@ -275,7 +276,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         _print_json(doc)
         return 0
     for k, v in doc.items():
-        shown = format_size(v) if k in ("bytes", "unique_bytes", "capacity", "used") else v
+        shown = format_size(v) if k in ("bytes", "unique_bytes", "replicated_bytes", "capacity", "used") else v
         print(f"{k:>14}: {shown}")
     return 0
 
@@ -316,13 +317,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"sdcache {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
-    parser.add_argument("--meta", metavar="HOST:PORT",
-                        help="metadata service (default: $SDCACHE_META, else 127.0.0.1:7070)")
+    parser.add_argument("--meta", metavar="HOST:PORT[,HOST:PORT...]",
+                        help="metadata service(s), tried in order (default: $SDCACHE_META, else 127.0.0.1:7070)")
     tls.add_arguments(parser)
 
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--meta", metavar="HOST:PORT", default=argparse.SUPPRESS,
-                        help="metadata service (default: $SDCACHE_META, else 127.0.0.1:7070)")
+    common.add_argument("--meta", metavar="HOST:PORT[,HOST:PORT...]", default=argparse.SUPPRESS,
+                        help="metadata service(s), tried in order (default: $SDCACHE_META, else 127.0.0.1:7070)")
     tls.add_arguments(common, suppress=True)
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summaries")
 
@@ -331,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_external(sub, "meta", "sdcache.meta.server", "run the metadata service")
     _add_external(sub, "node", "sdcache.node.server", "run a cache node")
     _add_external(sub, "up", "sdcache.cluster", "run a one-host cluster in the foreground (meta + N nodes)")
+    _add_external(sub, "replicas", "sdcache.replicas", "show or set how many copies of each chunk the pool keeps")
 
     p = sub.add_parser("import", parents=[common], help="register source files without copying them")
     p.add_argument("src", help="local path or URL (s3://, http://, any fsspec URL)")

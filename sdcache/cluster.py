@@ -172,7 +172,7 @@ class LocalCluster:
             client.close()
         auth.write_secret(self.node_token_file, (token + "\n").encode())
 
-    def add_node(self, i: int, capacity: int | None = None, role: str = "memory") -> Child:
+    def add_node(self, i: int, capacity: int | None = None, role: str = "memory", zone: str = "") -> Child:
         pool = os.path.join(self.pool_root, f"node{i}")
         token = (["--token-file", self.node_token_file] if "--insecure-no-auth" not in self.meta_args
                  else ["--insecure-no-auth"])
@@ -181,7 +181,7 @@ class LocalCluster:
             self._cmd("node", "--meta", self.meta_addr, "--listen", "127.0.0.1:0",
                       "--capacity", str(capacity or self.capacity), "--role", role, "--pool-dir", pool,
                       "--node-id", f"node{i}", "--ready-file", os.path.join(self.data_dir, f"node{i}.ready"),
-                      *token, *self.node_args),
+                      *token, *(["--zone", zone] if zone else []), *self.node_args),
             os.path.join(self.data_dir, f"node{i}.ready"),
             os.path.join(self.data_dir, f"node{i}.log"),
         )

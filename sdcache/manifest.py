@@ -57,6 +57,9 @@ class Manifest:
     base: str = ""
     metadata: dict[str, str] = field(default_factory=dict)
     generation: int = 0  # assigned by the store on commit; increases per commit
+    #: Owners per chunk under the replica policy when this manifest was read
+    #: (placement, not identity: never stored with the file, ignored on commit).
+    replicas: int = 1
     _offsets: list[int] = field(default_factory=list, repr=False)
 
     def chunk_index(self, offset: int) -> int:

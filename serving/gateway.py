@@ -213,7 +213,7 @@ async def _run(args: argparse.Namespace, host: str, port: int) -> int:
     verifier = auth.TokenVerifier()
     gate = httpauth.Gate(verifier, httpauth.parse_api_auth(args.api_auth))
     directory = RunnerDirectory(metas, credentials=credentials, verifier=verifier, interval=args.refresh_interval)
-    meta_client = MetaClient(metas[0], credentials=credentials)
+    meta_client = MetaClient(",".join(metas), credentials=credentials)
     catalog = Catalog(meta_client, args.checkpoints, args.loras, args.controlnets)
     g = Gateway(directory=directory, policy=routing.make_policy(args.policy), catalog=catalog,
                 limits=api.limits_from(args), gate=gate,

@@ -124,6 +124,8 @@ class ServeApp:
     def prefetch(self, plan: Plan) -> None:
         if self._runner is None or self._prefetching >= 2 * self.queue.max_queue + 1:
             return
+        if plan.checkpoint.size > self._runner.cache.host.budget and self._runner.loaded(plan.checkpoint.url) is None:
+            return  # the host tier could not keep the base: loading it now would be thrown away, then loaded again
         self._prefetching += 1
         req = self._request(plan, 0)
 
@@ -352,12 +354,12 @@ async def _run(args: argparse.Namespace, host: str, port: int) -> int:
         raise errors.InvalidArgument("--request-timeout must be positive")
     verifier = auth.TokenVerifier()
     gate = httpauth.Gate(verifier, httpauth.parse_api_auth(args.api_auth))
-    meta_client = MetaClient(metas[0], credentials=credentials)
+    meta_client = MetaClient(",".join(metas), credentials=credentials)
     catalog = Catalog(meta_client, args.checkpoints, args.loras, args.controlnets)
     if args.no_register and not gate.users and not args.insecure_no_auth:
         raise errors.InvalidArgument("--no-register leaves no token keys to check bearer tokens with: "
                                      "give --api-auth USER:PASS (or --insecure-no-auth on a private host)")
-    s = ServeApp(catalog=catalog, limits=limits, queue=None, runner_factory=runner_factory(args, metas[0]),  # type: ignore[arg-type]
+    s = ServeApp(catalog=catalog, limits=limits, queue=None, runner_factory=runner_factory(args, ",".join(metas)),  # type: ignore[arg-type]
                  runner_id="", gate=gate, default_model=args.default_model)
     # The runner is built on the queue's worker thread, first: torch work stays on that one thread.
     s.queue = queue = JobQueue(max_queue=args.max_queue, timeout=args.request_timeout, on_start=s.build_runner)

@@ -1,7 +1,8 @@
 """What a test needs from the machine, and whether lacking it is a skip or a failure.
 
 One policy for every optional capability the tests use (FUSE mounts, torch, diffusers,
-the Triton interpreter, the CPU flash kernel, bf16 on CPU, CUDA, a Prometheus server):
+the Triton interpreter, the CPU flash kernel, bf16 on CPU, CUDA, a Prometheus server,
+network namespaces for the multi-host test bed):
 
 - ``SDCACHE_REQUIRE`` is a comma list of requirement names that this machine must have
   (``.ci/run`` sets it to everything CI has). A listed requirement that is missing makes
@@ -223,6 +224,13 @@ def _probe_postgres() -> Missing | None:
     return None
 
 
+def _probe_netns() -> Missing | None:
+    from ._testbed import probe
+
+    reason = probe()
+    return Missing(reason) if reason else None
+
+
 REQUIREMENTS: dict[str, Requirement] = {r.name: r for r in [
     Requirement("fuse", "FUSE mounts",
                 "bash scripts/install.sh (apt-get install fuse3 libfuse3-dev pkg-config; pip install -e '.[fuse]')",
@@ -241,6 +249,8 @@ REQUIREMENTS: dict[str, Requirement] = {r.name: r for r in [
     Requirement("postgres", "a PostgreSQL server (initdb, pg_ctl) and psycopg 3",
                 "bash scripts/install.sh (apt-get install postgresql; pip install 'psycopg[binary,pool]')",
                 _probe_postgres),
+    Requirement("netns", "network namespaces and tc shaping (the multi-host test bed, tests/_testbed.py)",
+                "run as root; bash scripts/install.sh (apt-get install iproute2)", _probe_netns),
     Requirement("webuiapi", "the webuiapi A1111 client from PyPI",
                 "bash scripts/install.sh (or: pip install -e '.[test]')", _import_probe("webuiapi")),
     Requirement("cpu-bf16", "bf16 on CPU (oneDNN)", "a CPU with AVX512 BW/VL/DQ", _probe_cpu_bf16,

@@ -184,6 +184,8 @@ CALLS: dict[str, Call] = {
     "ListNodes": lambda s: s.ListNodes(pb.NodesRequest(), timeout=CALL),
     "Stats": lambda s: s.Stats(pb.StatsRequest(), timeout=CALL),
     "GetConfig": lambda s: s.GetConfig(pb.ConfigRequest(), timeout=CALL),
+    "GetReplicas": lambda s: s.GetReplicas(pb.ReplicasRequest(path="/auth"), timeout=CALL),
+    "SetReplicas": lambda s: s.SetReplicas(pb.ReplicaRule(path="/auth/admin", replicas=1), timeout=CALL),
     "Commit": lambda s: commit(s, wire_manifest("/auth/admin/c", b"c")),
     "Pin": lambda s: s.Pin(pb.PinRequest(path="/auth/f"), timeout=CALL),
     "Unpin": lambda s: s.Unpin(pb.PinRequest(path="/auth/f"), timeout=CALL),

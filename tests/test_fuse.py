@@ -320,6 +320,13 @@ def test_node_killed_during_read_still_yields_correct_bytes(own_cluster, checkpo
             while data := f.read(1 << 20):
                 h.update(data)
         assert h.hexdigest() == digest
+        # Again by mmap, the page cache dropped: every chunk pushed or answered with the node gone.
+        with open(m.path / "m" / "a.safetensors", "rb") as f:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            with mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mm:
+                assert hashlib.sha256(mm).hexdigest() == digest
+    pushed = re.search(r"page cache: ([\d.]+) (\w+) pushed for (\d+) file loads", m.log_text())
+    assert pushed and float(pushed[1]) > 0 and int(pushed[3]) == 2, m.log_text()  # both reads were pushed
 
 
 def test_unreachable_cluster_answers_eio_within_the_timeout(own_cluster, tmp_path):

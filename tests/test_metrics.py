@@ -440,8 +440,10 @@ def test_mount_serves_fuse_and_client_metrics_to_tokens_the_service_accepts(
     assert value(after, ops, op="read") - value(before, ops, op="read") >= 1
     reads = value(after, "sdcache_fuse_read_size_bytes_count") - value(before, "sdcache_fuse_read_size_bytes_count")
     assert reads == value(after, ops, op="read") - value(before, ops, op="read")
+    # Every byte reached the reader through a read request or a push into the kernel page cache.
+    pushed = "sdcache_fuse_page_cache_pushed_bytes_total"
     assert value(after, "sdcache_fuse_read_size_bytes_sum") - value(before, "sdcache_fuse_read_size_bytes_sum") \
-        >= len(data)
+        + value(after, pushed) - value(before, pushed) >= len(data)
     fetched = sum(value(after, "sdcache_client_fetch_bytes_total", tier=t)
                   - value(before, "sdcache_client_fetch_bytes_total", tier=t) for t in ("local", "node", "under"))
     assert fetched >= len(data)

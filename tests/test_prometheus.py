@@ -41,7 +41,7 @@ from sdcache.client.fs import SdcacheFileSystem
 from sdcache.client.importer import import_file
 from sdcache.client.metaclient import MetaClient
 from sdcache.cluster import LocalCluster
-from sdcache.placement import rank
+from sdcache.placement import plan_file
 
 from ._serving import API_PASS, API_USER, serve_process
 from .conftest import TOKEN_KEY, mint_token, wait_for
@@ -409,7 +409,8 @@ def test_prometheus_scrapes_the_cluster_and_the_dashboard_queries_return_data(
         ma = import_file(meta, str(a), "/prom/warm.bin").manifest
         for _ in meta.warmup(["/prom/warm.bin"]):
             pass
-        owners = Counter(rank(ref.id, live)[0].address for ref in ma.chunks)
+        plan = plan_file(ma.chunks, live, ma.replicas)
+        owners = Counter(plan[ref.id][0].address for ref in ma.chunks)
         assert len(ma.chunks) == 10 and len({ref.id for ref in ma.chunks}) == 10
         prom.settle(n_targets)
         hits = 'sum(sdcache_node_chunk_requests_total{job="sdcache-node",result="hit"})'

@@ -159,13 +159,30 @@ def test_lora_delta_is_alpha_over_rank_times_scale() -> None:
     down, up = torch.randn(4, 32), torch.randn(32, 4)
     sd = {f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up, f"{stem}.alpha": torch.tensor(2.0)}
     r = lora.resolve(lora.parse_lora("a", sd), mods, lora.target_index(mods, False), "SD1.x", "sd1")
-    w = comps["unet"].get_submodule(name).weight
+    module = comps["unet"].get_submodule(name)
+    w = module.weight
     w0 = w.detach().clone()
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        base_out = module(x)
+    want = x @ (w0 + 0.5 * (2.0 / 4) * up @ down).T
+    # side paths (a new set): the weight stays, the module's output carries the delta
     patcher = lora.LoraPatcher(mods)
     assert patcher.switch([(r, 0.5)]) == [f"unet.{name}"]
-    torch.testing.assert_close(w.detach(), w0 + 0.5 * (2.0 / 4) * up @ down)
-    patcher.switch([])
     assert torch.equal(w.detach(), w0)
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), want)
+    patcher.switch([])
+    # merged: the weight itself is W0 + delta
+    merged = lora.LoraPatcher(mods, merge_after=1)
+    assert merged.switch([(r, 0.5)]) == [f"unet.{name}"]
+    torch.testing.assert_close(w.detach(), w0 + 0.5 * (2.0 / 4) * up @ down)
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), want)
+    merged.switch([])
+    assert torch.equal(w.detach(), w0)
+    with torch.no_grad():
+        assert torch.equal(module(x), base_out)
 
 
 def test_byte_lru_budget_eviction_and_pins() -> None:

@@ -1,7 +1,9 @@
 """Contract suite for :class:`sdcache.store.MetaStore` implementations.
 
-Every test runs against each implementation in ``STORES``; a new backend
-(a networked database) joins by adding a factory there.
+Every test runs against each implementation in ``STORES``: the embedded
+SQLite store and PostgreSQL, on a real server the tests start themselves
+(``tests/_postgres.py``; a fresh database per test). A new backend joins by
+adding a factory there.
 """
 
 from __future__ import annotations
@@ -22,21 +24,30 @@ from sdcache.store import MAX_PAGE_SIZE, MetaStore, NodeRecord, SqliteStore, Sto
 from sdcache.store.base import TokenRecord
 from sdcache.store.sqlite import SCHEMA_VERSION
 
+from ._postgres import PostgresServer, pg_url, postgres_server  # noqa: F401 - fixtures
+
 StoreFactory = Callable[[], MetaStore]
 
 
-def _sqlite(tmp_path: Path) -> StoreFactory:
+def _sqlite(request: pytest.FixtureRequest, tmp_path: Path) -> StoreFactory:
     return lambda: SqliteStore(tmp_path / "meta.db")
 
 
-STORES = {"sqlite": _sqlite}
+def _postgres(request: pytest.FixtureRequest, tmp_path: Path) -> StoreFactory:
+    from sdcache.store.postgres import PostgresStore
+
+    url = request.getfixturevalue("pg_url")
+    return lambda: PostgresStore(url)
+
+
+STORES = {"sqlite": _sqlite, "postgres": _postgres}
 
 
 @pytest.fixture(params=sorted(STORES))
 def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreFactory]:
     """A factory opening the same store again each call (for reopen tests)."""
     opened: list[MetaStore] = []
-    factory = STORES[request.param](tmp_path)
+    factory = STORES[request.param](request, tmp_path)
 
     def open_() -> MetaStore:
         opened.append(factory())
@@ -431,7 +442,7 @@ def test_sqlite_migrates_a_version_1_database(tmp_path: Path) -> None:
     assert store.auth_generation() == 1
     assert store.commit(manifest("/new")) == 8  # the generation counter carried over
     store.close()
-    assert _user_version(db) == SCHEMA_VERSION == 2
+    assert _user_version(db) == SCHEMA_VERSION == 3
 
     again = SqliteStore(db)  # migrated once: opening again changes nothing
     assert again.auth_generation() == 1 and [t.name for t in again.list_tokens()] == ["admin"]
@@ -441,11 +452,17 @@ def test_sqlite_migrates_a_version_1_database(tmp_path: Path) -> None:
 
 def test_sqlite_refuses_a_newer_schema(tmp_path: Path) -> None:
     db = tmp_path / "future.db"
-    SqliteStore(db).close()
+    store = SqliteStore(db)
+    store.commit(manifest("/kept"))
+    store.close()
     with sqlite3.connect(db) as conn:
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
-    with pytest.raises(errors.SdcacheError, match=f"schema version {SCHEMA_VERSION + 1}"):
+    with pytest.raises(errors.SchemaTooNew) as info:
         SqliteStore(db)
+    assert str(db) in str(info.value) and "\n" not in str(info.value)  # one line naming the database
+    assert _user_version(db) == SCHEMA_VERSION + 1  # left as it was
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT path FROM files").fetchall() == [("/kept",)]
 
 
 # -- durability and concurrency ---------------------------------------------
@@ -480,3 +497,132 @@ def test_concurrent_commits_get_distinct_generations(store: MetaStore) -> None:
     for th in threads:
         th.join()
     assert len(set(gens)) == 100 and store.stats().files == 100
+
+
+# -- what both stores refuse or keep alike ------------------------------------
+
+
+def test_text_with_nul_is_refused(store: MetaStore) -> None:
+    for field in ("source", "version_tag", "kind", "base"):
+        m = manifest(f"/nul/{field}")
+        setattr(m, field, "a\x00b")
+        with pytest.raises(errors.InvalidArgument):
+            store.commit(m)
+    m = manifest("/nul/metadata")
+    m.metadata = {"k\x00": "v\x00"}  # stored as JSON, which escapes it
+    store.commit(m)
+    assert store.get_manifest("/nul/metadata").metadata == {"k\x00": "v\x00"}
+    assert [e.path for e in store.list_dir("/nul")[0]] == ["/nul/metadata"]
+
+
+def test_listing_order_is_code_point_order_whatever_the_database_collation(store: MetaStore) -> None:
+    # A database created under en_US (or ICU) would sort these case- and punctuation-blind.
+    names = ["Zeta", "alpha", "_under", "a-b", "a.b", "ab", "a b", "\u00e9t\u00e9", "10", "9", "B", "~"]
+    for n in names:
+        store.commit(manifest(f"/order/{n}"))
+    store.commit(manifest("/order/a/inside"))  # a directory named a sorts among the files
+    want = sorted([*names, "a"])
+    assert [e.path.rsplit("/", 1)[1] for e in store.list_dir("/order")[0]] == want
+    seen, token = [], ""
+    while True:
+        entries, token = store.list_dir("/order", token, 2)
+        seen += [e.path.rsplit("/", 1)[1] for e in entries]
+        if not token:
+            break
+    assert seen == want
+    assert store.delete("/order/a", recursive=True) == 1  # "/order/a-b", "/order/a.b" are not under /order/a
+    assert store.stat("/order").size == 100 * len(names)
+
+
+def test_two_stores_over_one_database_agree(open_store: StoreFactory) -> None:
+    """Two processes' stores over one database (here: two instances) see each other's writes,
+    and their namespace checks never both pass for a file and a directory at one path."""
+    one, two = open_store(), open_store()
+    g1 = one.commit(manifest("/shared/a"))
+    assert two.stat("/shared/a").generation == g1
+    g2 = two.commit(manifest("/shared/b"))
+    assert g2 > g1 and [e.path for e in one.list_dir("/shared")[0]] == ["/shared/a", "/shared/b"]
+    assert two.pin("/shared/a") == 1 and one.pins_generation() == two.pins_generation()
+    one.add_token(TokenRecord("t", "read", 1.0))
+    two.revoke_token("t", 2.0)
+    assert one.auth_generation() == two.auth_generation() and one.list_tokens()[0].revoked == 2.0
+
+    def commit(store: MetaStore, path: str) -> bool:
+        try:
+            store.commit(manifest(path))
+            return True
+        except (errors.IsADirectory, errors.NotADirectory):
+            return False
+
+    pairs = [((one, f"/race/{i}"), (two, f"/race/{i}/f")) for i in range(40)]
+    with ThreadPoolExecutor(8) as pool:  # each pair's two commits in flight at once, one per store
+        futures = [(pool.submit(commit, *a), pool.submit(commit, *b)) for a, b in pairs]
+        results = [(fa.result(), fb.result()) for fa, fb in futures]
+    assert all(a != b for a, b in results)  # exactly one of each file/directory pair
+    files = [e for e in one.list_dir("/race", "", MAX_PAGE_SIZE)[0]]
+    assert len(files) == 40 and two.stats().files == 2 + 40
+
+
+# -- schema versions (PostgreSQL) ------------------------------------------------
+
+
+def test_postgres_migrates_once_however_many_open_at_once(pg_url):
+    """Services starting together over an empty database: one migrates, all open, nothing twice."""
+    import psycopg
+
+    from sdcache.store.postgres import SCHEMA_VERSION as PG_VERSION
+    from sdcache.store.postgres import PostgresStore
+
+    with ThreadPoolExecutor(4) as pool:
+        stores = list(pool.map(lambda _: PostgresStore(pg_url), range(4)))
+    try:
+        assert len({s.commit(manifest(f"/m/{i}")) for i, s in enumerate(stores)}) == 4
+        with psycopg.connect(pg_url) as conn:
+            rows = conn.execute("SELECT version FROM schema_migrations ORDER BY version").fetchall()
+            counters = conn.execute("SELECT name FROM counters ORDER BY name").fetchall()
+        assert [r[0] for r in rows] == list(range(1, PG_VERSION + 1))
+        assert [r[0] for r in counters] == ["auth_generation", "generation", "pins_generation"]
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_postgres_refuses_a_newer_schema(pg_url):
+    import psycopg
+
+    from sdcache.store.postgres import SCHEMA_VERSION as PG_VERSION
+    from sdcache.store.postgres import PostgresStore
+
+    store = PostgresStore(pg_url)
+    store.commit(manifest("/kept"))
+    store.close()
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO schema_migrations (version, description) VALUES (%s, 'from the future')",
+                     (PG_VERSION + 1,))
+    with pytest.raises(errors.SchemaTooNew) as info:
+        PostgresStore(pg_url)
+    message = str(info.value)
+    assert f"version {PG_VERSION + 1}" in message and "\n" not in message
+    assert pg_url.split("@")[0].rsplit(":", 1)[1] not in message  # never the password
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT path FROM files").fetchall() == [("/kept",)]  # left as it was
+
+
+def test_postgres_store_carries_on_after_the_database_restarts(postgres_server, pg_url):
+    """Every pooled connection dies with the server; the next calls reconnect instead of failing."""
+    from sdcache.store.postgres import PostgresStore
+
+    store = PostgresStore(pg_url, pool_wait=1.0)
+    try:
+        gen = store.commit(manifest("/before"))
+        store.register_node(NodeRecord("n", "h:1", 10, last_seen=1.0))
+        postgres_server.kill()
+        with pytest.raises(errors.Unavailable):
+            store.stat("/before")  # down: one clear error, not a hang
+        postgres_server.start()
+        assert store.stat("/before").generation == gen
+        assert store.commit(manifest("/after")) > gen
+        assert store.heartbeat("n", 1, 1, 2.0) is True
+        assert [e.path for e in store.list_dir("/")[0]] == ["/after", "/before"]
+    finally:
+        store.close()

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Manifest(_message.Message):
-    __slots__ = ("path", "size", "mtime", "source", "version_tag", "sha256", "chunks", "kind", "base", "metadata", "generation")
+    __slots__ = ("path", "size", "mtime", "source", "version_tag", "sha256", "chunks", "kind", "base", "metadata", "generation", "replicas")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +26,7 @@ class Manifest(_message.Message):
     BASE_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
     path: str
     size: int
     mtime: float
@@ -37,7 +38,8 @@ class Manifest(_message.Message):
     base: str
     metadata: _containers.ScalarMap[str, str]
     generation: int
-    def __init__(self, path: _Optional[str] = ..., size: _Optional[int] = ..., mtime: _Optional[float] = ..., source: _Optional[str] = ..., version_tag: _Optional[str] = ..., sha256: _Optional[str] = ..., chunks: _Optional[bytes] = ..., kind: _Optional[str] = ..., base: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., generation: _Optional[int] = ...) -> None: ...
+    replicas: int
+    def __init__(self, path: _Optional[str] = ..., size: _Optional[int] = ..., mtime: _Optional[float] = ..., source: _Optional[str] = ..., version_tag: _Optional[str] = ..., sha256: _Optional[str] = ..., chunks: _Optional[bytes] = ..., kind: _Optional[str] = ..., base: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., generation: _Optional[int] = ..., replicas: _Optional[int] = ...) -> None: ...
 
 class Entry(_message.Message):
     __slots__ = ("path", "is_dir", "size", "mtime", "kind", "sha256", "generation", "chunk_count")
@@ -110,7 +112,7 @@ class DeleteResponse(_message.Message):
     def __init__(self, deleted: _Optional[int] = ...) -> None: ...
 
 class Node(_message.Message):
-    __slots__ = ("node_id", "address", "capacity", "role", "host_id", "pool_dir", "used", "chunks", "last_seen", "alive")
+    __slots__ = ("node_id", "address", "capacity", "role", "host_id", "pool_dir", "used", "chunks", "last_seen", "alive", "zone")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
@@ -121,6 +123,7 @@ class Node(_message.Message):
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
     LAST_SEEN_FIELD_NUMBER: _ClassVar[int]
     ALIVE_FIELD_NUMBER: _ClassVar[int]
+    ZONE_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     address: str
     capacity: int
@@ -131,7 +134,8 @@ class Node(_message.Message):
     chunks: int
     last_seen: float
     alive: bool
-    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., capacity: _Optional[int] = ..., role: _Optional[str] = ..., host_id: _Optional[str] = ..., pool_dir: _Optional[str] = ..., used: _Optional[int] = ..., chunks: _Optional[int] = ..., last_seen: _Optional[float] = ..., alive: _Optional[bool] = ...) -> None: ...
+    zone: str
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., capacity: _Optional[int] = ..., role: _Optional[str] = ..., host_id: _Optional[str] = ..., pool_dir: _Optional[str] = ..., used: _Optional[int] = ..., chunks: _Optional[int] = ..., last_seen: _Optional[float] = ..., alive: _Optional[bool] = ..., zone: _Optional[str] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("heartbeat_interval", "pins_generation", "auth_generation", "store_url")
@@ -258,7 +262,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("files", "bytes", "unique_chunks", "unique_bytes", "nodes", "capacity", "used", "pinned_files", "store_url")
+    __slots__ = ("files", "bytes", "unique_chunks", "unique_bytes", "nodes", "capacity", "used", "pinned_files", "store_url", "replicated_bytes", "replicas", "zones")
     FILES_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
     UNIQUE_CHUNKS_FIELD_NUMBER: _ClassVar[int]
@@ -268,6 +272,9 @@ class StatsResponse(_message.Message):
     USED_FIELD_NUMBER: _ClassVar[int]
     PINNED_FILES_FIELD_NUMBER: _ClassVar[int]
     STORE_URL_FIELD_NUMBER: _ClassVar[int]
+    REPLICATED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    ZONES_FIELD_NUMBER: _ClassVar[int]
     files: int
     bytes: int
     unique_chunks: int
@@ -277,7 +284,42 @@ class StatsResponse(_message.Message):
     used: int
     pinned_files: int
     store_url: str
-    def __init__(self, files: _Optional[int] = ..., bytes: _Optional[int] = ..., unique_chunks: _Optional[int] = ..., unique_bytes: _Optional[int] = ..., nodes: _Optional[int] = ..., capacity: _Optional[int] = ..., used: _Optional[int] = ..., pinned_files: _Optional[int] = ..., store_url: _Optional[str] = ...) -> None: ...
+    replicated_bytes: int
+    replicas: int
+    zones: int
+    def __init__(self, files: _Optional[int] = ..., bytes: _Optional[int] = ..., unique_chunks: _Optional[int] = ..., unique_bytes: _Optional[int] = ..., nodes: _Optional[int] = ..., capacity: _Optional[int] = ..., used: _Optional[int] = ..., pinned_files: _Optional[int] = ..., store_url: _Optional[str] = ..., replicated_bytes: _Optional[int] = ..., replicas: _Optional[int] = ..., zones: _Optional[int] = ...) -> None: ...
+
+class ReplicaRule(_message.Message):
+    __slots__ = ("path", "replicas")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    replicas: int
+    def __init__(self, path: _Optional[str] = ..., replicas: _Optional[int] = ...) -> None: ...
+
+class ReplicasRequest(_message.Message):
+    __slots__ = ("path",)
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    def __init__(self, path: _Optional[str] = ...) -> None: ...
+
+class ReplicasResponse(_message.Message):
+    __slots__ = ("default_replicas", "overrides", "path", "replicas", "live_nodes", "live_zones", "warning")
+    DEFAULT_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    OVERRIDES_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    LIVE_NODES_FIELD_NUMBER: _ClassVar[int]
+    LIVE_ZONES_FIELD_NUMBER: _ClassVar[int]
+    WARNING_FIELD_NUMBER: _ClassVar[int]
+    default_replicas: int
+    overrides: _containers.RepeatedCompositeFieldContainer[ReplicaRule]
+    path: str
+    replicas: int
+    live_nodes: int
+    live_zones: int
+    warning: str
+    def __init__(self, default_replicas: _Optional[int] = ..., overrides: _Optional[_Iterable[_Union[ReplicaRule, _Mapping]]] = ..., path: _Optional[str] = ..., replicas: _Optional[int] = ..., live_nodes: _Optional[int] = ..., live_zones: _Optional[int] = ..., warning: _Optional[str] = ...) -> None: ...
 
 class ConfigRequest(_message.Message):
     __slots__ = ()

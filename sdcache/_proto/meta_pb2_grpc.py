@@ -109,6 +109,16 @@ class MetaStub:
                 request_serializer=meta__pb2.ConfigRequest.SerializeToString,
                 response_deserializer=meta__pb2.ConfigResponse.FromString,
                 _registered_method=True)
+        self.SetReplicas = channel.unary_unary(
+                '/sdcache.v1.Meta/SetReplicas',
+                request_serializer=meta__pb2.ReplicaRule.SerializeToString,
+                response_deserializer=meta__pb2.ReplicasResponse.FromString,
+                _registered_method=True)
+        self.GetReplicas = channel.unary_unary(
+                '/sdcache.v1.Meta/GetReplicas',
+                request_serializer=meta__pb2.ReplicasRequest.SerializeToString,
+                response_deserializer=meta__pb2.ReplicasResponse.FromString,
+                _registered_method=True)
         self.CreateToken = channel.unary_unary(
                 '/sdcache.v1.Meta/CreateToken',
                 request_serializer=meta__pb2.CreateTokenRequest.SerializeToString,
@@ -234,6 +244,18 @@ class MetaServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetReplicas(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetReplicas(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CreateToken(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -347,6 +369,16 @@ def add_MetaServicer_to_server(servicer, server):
                     servicer.GetConfig,
                     request_deserializer=meta__pb2.ConfigRequest.FromString,
                     response_serializer=meta__pb2.ConfigResponse.SerializeToString,
+            ),
+            'SetReplicas': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetReplicas,
+                    request_deserializer=meta__pb2.ReplicaRule.FromString,
+                    response_serializer=meta__pb2.ReplicasResponse.SerializeToString,
+            ),
+            'GetReplicas': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetReplicas,
+                    request_deserializer=meta__pb2.ReplicasRequest.FromString,
+                    response_serializer=meta__pb2.ReplicasResponse.SerializeToString,
             ),
             'CreateToken': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateToken,
@@ -784,6 +816,60 @@ class Meta:
             '/sdcache.v1.Meta/GetConfig',
             meta__pb2.ConfigRequest.SerializeToString,
             meta__pb2.ConfigResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetReplicas(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sdcache.v1.Meta/SetReplicas',
+            meta__pb2.ReplicaRule.SerializeToString,
+            meta__pb2.ReplicasResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetReplicas(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sdcache.v1.Meta/GetReplicas',
+            meta__pb2.ReplicasRequest.SerializeToString,
+            meta__pb2.ReplicasResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -12,6 +12,7 @@ import grpc
 
 from .. import errors, paths
 from ..manifest import Entry, Manifest, pack_chunks, unpack_chunks
+from ..placement import NodeInfo, check_zone
 from .._proto import meta_pb2 as pb
 from ..store.base import NodeRecord, TokenRecord
 
@@ -41,6 +42,7 @@ def manifest_from_proto(msg: pb.Manifest) -> Manifest:
             base=msg.base,
             metadata=dict(msg.metadata),
             generation=msg.generation,
+            replicas=msg.replicas or 1,
         )
         m.validate()
     except errors.InvalidArgument as exc:
@@ -61,6 +63,7 @@ def manifest_to_proto(m: Manifest) -> pb.Manifest:
         base=m.base,
         metadata=m.metadata,
         generation=m.generation,
+        replicas=m.replicas,
     )
 
 
@@ -105,6 +108,7 @@ def node_from_proto(msg: pb.Node, last_seen: float) -> NodeRecord:
         used=msg.used,
         chunks=msg.chunks,
         last_seen=last_seen,
+        zone=check_zone(msg.zone),
     )
 
 
@@ -120,7 +124,14 @@ def node_to_proto(n: NodeRecord, alive: bool) -> pb.Node:
         chunks=n.chunks,
         last_seen=n.last_seen,
         alive=alive,
+        zone=n.zone,
     )
+
+
+def node_info_from_proto(n: pb.Node) -> NodeInfo:
+    """The placement view of a listed node."""
+    return NodeInfo(node_id=n.node_id, address=n.address, capacity=n.capacity, role=n.role, host_id=n.host_id,
+                    pool_dir=n.pool_dir, used=n.used, zone=n.zone)
 
 
 def token_to_proto(t: TokenRecord) -> pb.TokenInfo:

@@ -69,9 +69,19 @@ class NodeClient:
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
             raise Unavailable(f"node {address}: {endpoint} failed: {str(exc) or type(exc).__name__}") from exc
 
-    async def warm(self, address: str, path: str, ids: list[str]) -> WarmReply:
-        """Ask the node at *address* to load chunks *ids* of file *path*."""
-        data = await self._post(address, "warm", {"path": path, "ids": ids}, WARM_TIMEOUT)
+    async def warm(self, address: str, path: str, ids: list[str], *, peers: list[str] | None = None,
+                   peers_only: bool = False) -> WarmReply:
+        """Ask the node at *address* to load chunks *ids* of file *path*.
+
+        *peers* (node ids) are asked first for the bytes; with *peers_only* the
+        node reads nothing from the under-store (re-replication).
+        """
+        body: dict[str, Any] = {"path": path, "ids": ids}
+        if peers:
+            body["peers"] = peers
+        if peers_only:
+            body["peers_only"] = True
+        data = await self._post(address, "warm", body, WARM_TIMEOUT)
         try:
             return WarmReply(
                 loaded=int(data.get("loaded", 0)),

@@ -18,8 +18,9 @@ from .. import logs, tls
 from .. import metrics as sdc_metrics
 from ..errors import InvalidArgument, SdcacheError, Unavailable
 from ..hostport import join_hostport, split_hostport
+from ..placement import check_replicas
 from .._proto import meta_pb2_grpc
-from ..store.sqlite import SqliteStore
+from ..store import open_store
 from . import grpcauth, health
 from .fanout import Fanout
 from .metrics import MetaCollector
@@ -34,6 +35,7 @@ DEFAULT_LISTEN = "127.0.0.1:7070"
 MAX_MESSAGE = grpcauth.MAX_MESSAGE
 MAX_PENDING = 20_000  # calls queued before the loop takes them
 STOP_GRACE = 2.0  # seconds in-flight calls get on shutdown
+DB_ENV = "SDCACHE_DB"  # the --db URL when the flag is not given (keeps a password off the command line)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +49,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--store", default=None, metavar="URL", help="where `put` uploads files (default file://DATA/store)"
+    )
+    parser.add_argument(
+        "--db", default=None, metavar="URL",
+        help="metadata database: postgresql://USER[:PASSWORD]@HOST:PORT/DATABASE, shared by several metadata "
+        f"processes serving one namespace (default ${DB_ENV}; without either, SQLite DATA/meta.db). "
+        "The password may also come from $PGPASSWORD or ~/.pgpass",
+    )
+    parser.add_argument(
+        "--replicas", type=int, default=1, metavar="N",
+        help="copies of every chunk, on distinct nodes and, where there are enough, distinct zones "
+        "(default %(default)s; per directory: sdcache replicas PATH N)",
     )
     parser.add_argument(
         "--heartbeat-interval",
@@ -98,10 +111,13 @@ async def serve(
     tls_files: tls.TlsFiles | None = None,
     require_client_cert: bool = False,
     metrics_listen: str | None = None,
+    db_url: str | None = None,
+    replicas: int = 1,
 ) -> None:
     """Run the metadata service until cancelled, then stop cleanly.
 
-    The database is ``data_dir/meta.db``; *store_url* (where ``put``
+    The database is *db_url* (PostgreSQL; several services may share it),
+    else ``data_dir/meta.db`` (SQLite); *store_url* (where ``put``
     uploads) defaults to ``file://data_dir/store``, created. *ready* is called with the bound
     ``HOST:PORT`` once the service accepts calls (useful with port 0).
     Tokens are signed with *token_key* (default ``data_dir/token.key``); on the
@@ -115,9 +131,12 @@ async def serve(
     _check_bindable(host, port)
     if heartbeat_interval <= 0:
         raise InvalidArgument(f"heartbeat interval must be positive, got {heartbeat_interval}")
+    check_replicas(replicas)
     data = Path(data_dir).resolve()
-    store_url = _store_url(data, store_url)
-    store = await asyncio.to_thread(SqliteStore, data / "meta.db")
+    given_store, store_url = store_url, _store_url(data, store_url)
+    store = await asyncio.to_thread(open_store, db_url, data / "meta.db")
+    if db_url:
+        _warn_shared(given_store, token_key)
     try:
         authority = await asyncio.to_thread(TokenAuthority.open, store, data, token_key, enabled=auth)
         if not auth:
@@ -131,13 +150,18 @@ async def serve(
         try:
             servicer = MetaServicer(
                 store, Fanout(client), heartbeat_interval=heartbeat_interval, store_url=store_url,
-                authority=authority,
+                authority=authority, replicas=replicas,
             )
             metrics_server = None
+            follower = asyncio.create_task(_follow_revocations(authority, heartbeat_interval))
+            repairer = asyncio.create_task(servicer.repairer.run())
             try:
                 metrics_server = _metrics_server(servicer, metrics_listen, tls_files, require_client_cert)
                 await _run_server(servicer, listen, host, ready, tls_files, require_client_cert)
             finally:
+                follower.cancel()
+                repairer.cancel()
+                await asyncio.gather(follower, repairer, return_exceptions=True)
                 if metrics_server is not None:
                     await asyncio.to_thread(metrics_server.stop)
                 servicer.close()
@@ -145,6 +169,45 @@ async def serve(
             await client.close()
     finally:
         store.close()
+
+
+def _warn_shared(store_url: str | None, token_key: str | None) -> None:
+    """With a shared database, what every metadata process over it must also share (see docs/SCALING.md)."""
+    if store_url is None:
+        log.warning("--db without --store: `put` uploads to this host's DATA/store, which other metadata "
+                    "processes over the same database and remote nodes cannot read; give each the same --store URL")
+    if token_key is None:
+        log.warning("--db without --token-key: tokens are signed with this host's DATA/token.key, and the other "
+                    "metadata processes over the same database accept them only if they use the same key file")
+
+
+async def _follow_revocations(authority: TokenAuthority, interval: float) -> None:
+    """Pick up revocations another metadata service over the same store made, every *interval* seconds.
+
+    The process-local state that must agree across services over one store is
+    the token verifier's revocation list (everything else a call reads comes
+    from the store). A revocation through this service applies here at once;
+    one through another applies here within *interval*: the store's auth
+    generation is polled (one indexed read), and the revocations reloaded
+    when it moved. Polling rather than PostgreSQL's LISTEN/NOTIFY: it works
+    the same on both stores, needs no extra connection that can silently
+    drop, and a second is well inside what revocation promises (nodes learn
+    it at their next heartbeat too).
+    """
+    failing = False
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            generation = await asyncio.to_thread(authority.store.auth_generation)
+            await asyncio.to_thread(authority.follow, generation)
+        except SdcacheError as exc:
+            if not failing:
+                log.warning("cannot read token revocations from the store: %s", exc)
+            failing = True
+            continue
+        if failing:
+            log.info("reading token revocations from the store again")
+        failing = False
 
 
 def _metrics_server(servicer: MetaServicer, listen: str | None, tls_files: tls.TlsFiles | None,
@@ -244,6 +307,8 @@ async def _serve_until_signal(args: argparse.Namespace) -> None:
             tls_files=tls.TlsFiles.resolve(args.tls_cert, args.tls_key, args.tls_ca, env={}),
             require_client_cert=args.tls_require_client_cert,
             metrics_listen=getattr(args, "metrics_listen", None),
+            db_url=getattr(args, "db", None) or os.environ.get(DB_ENV) or None,
+            replicas=getattr(args, "replicas", 1),
         )
     )
     stopper = asyncio.create_task(stop.wait())

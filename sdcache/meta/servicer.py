@@ -23,10 +23,11 @@ from .. import errors, paths
 from .._proto import meta_pb2 as pb
 from .._proto import meta_pb2_grpc
 from ..manifest import Manifest
-from ..placement import NodeInfo
+from ..placement import NodeInfo, ReplicaPolicy, check_replicas, effective_replicas
 from ..store.base import MetaStore, NodeRecord
 from . import convert, metrics
 from .fanout import Fanout, WarmStatus
+from .repair import Repairer
 from .runners import RunnerRegistry
 from .tokens import TokenAuthority
 
@@ -96,12 +97,23 @@ class MetaServicer(meta_pb2_grpc.MetaServicer):
         heartbeat_interval: float = 1.0,
         store_url: str,
         authority: TokenAuthority,
+        replicas: int = 1,
     ) -> None:
         self.store = store
         self.fanout = fanout
         self.authority = authority
         self.heartbeat_interval = heartbeat_interval
         self.store_url = store_url
+        self.default_replicas = check_replicas(replicas)
+        # The overrides, re-read at most once per heartbeat interval (another service over a shared
+        # store may change them); a change made here applies at once.
+        self._policy = ReplicaPolicy(self.default_replicas)
+        self._policy_at = float("-inf")
+        self._replicated: tuple[tuple[Any, ...], int] | None = None  # (inputs, replicated bytes)
+        #: Re-makes missing replicas from peers after the node set or the policy changed; its
+        #: ``run()`` is the service's to start (sdcache/meta/server.py).
+        self.repairer = Repairer(fanout.client, self._live_infos, self._all_files, self.policy,
+                                 interval=heartbeat_interval)
         self.runners = RunnerRegistry(report_interval=heartbeat_interval)
         self._writer = ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="meta-write")
         self._readers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="meta-read")
@@ -121,6 +133,30 @@ class MetaServicer(meta_pb2_grpc.MetaServicer):
     async def _write(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._writer, fn, *args)
 
+    async def policy(self) -> ReplicaPolicy:
+        """The replica policy: ``--replicas`` and the store's per-path overrides."""
+        now = time.monotonic()
+        if now - self._policy_at >= self.heartbeat_interval:
+            overrides = await self._read(self.store.replica_overrides)
+            self._policy = ReplicaPolicy(self.default_replicas, overrides)
+            self._policy_at = now
+        return self._policy
+
+    async def _placed(self, m: Manifest) -> Manifest:
+        """*m* with its replica count under the policy (what readers place its chunks with)."""
+        m.replicas = (await self.policy()).for_path(m.path)
+        return m
+
+    async def _live_infos(self) -> list[NodeInfo]:
+        return [n.info() for n in await self._live_nodes()]
+
+    async def _all_files(self) -> list[Manifest]:
+        policy = await self.policy()
+        files = await self._read(self.store.resolve_files, "/", True)
+        for m in files:
+            m.replicas = policy.for_path(m.path)
+        return files
+
     async def _live_nodes(self) -> list[NodeRecord]:
         nodes = await self._read(self.store.list_nodes)
         return [n for n in nodes if self._alive(n, time.time())]
@@ -133,8 +169,10 @@ class MetaServicer(meta_pb2_grpc.MetaServicer):
         if not requested:
             raise errors.InvalidArgument("no paths given")
         seen: dict[str, Manifest] = {}
+        policy = await self.policy()
         for p in requested:
             for m in await self._read(self.store.resolve_files, p, recursive):
+                m.replicas = policy.for_path(m.path)
                 seen.setdefault(m.path, m)
         return list(seen.values())
 
@@ -146,7 +184,7 @@ class MetaServicer(meta_pb2_grpc.MetaServicer):
 
     @_unary
     async def GetManifest(self, request: pb.PathRequest, context: grpc.aio.ServicerContext) -> pb.Manifest:
-        return convert.manifest_to_proto(await self._read(self.store.get_manifest, request.path))
+        return convert.manifest_to_proto(await self._placed(await self._read(self.store.get_manifest, request.path)))
 
     @_unary
     async def List(self, request: pb.ListRequest, context: grpc.aio.ServicerContext) -> pb.ListResponse:
@@ -298,6 +336,9 @@ class MetaServicer(meta_pb2_grpc.MetaServicer):
         s = await self._read(self.store.stats)
         live = await self._live_nodes()
         return pb.StatsResponse(
+            replicated_bytes=await self._replicated_bytes(s, [n.info() for n in live]),
+            replicas=self.default_replicas,
+            zones=len({n.zone for n in live}),
             files=s.files,
             bytes=s.bytes,
             unique_chunks=s.unique_chunks,
@@ -308,6 +349,67 @@ class MetaServicer(meta_pb2_grpc.MetaServicer):
             pinned_files=s.pinned_files,
             store_url=self.store_url,
         )
+
+    async def _replicated_bytes(self, s: Any, live: list[NodeInfo]) -> int:
+        """Deduplicated bytes counted once per replica (each chunk at the most replicas a file
+        holding it asks for, capped at the live nodes). Without overrides this is one product;
+        with them every manifest is read, once per change of the namespace, policy or nodes."""
+        policy = await self.policy()
+        if not policy.overrides:
+            return s.unique_bytes * effective_replicas(policy.default, live)
+        key = (s.files, s.bytes, s.unique_bytes, tuple(sorted(policy.overrides.items())), len(live))
+        if self._replicated is not None and self._replicated[0] == key:
+            return self._replicated[1]
+
+        def scan() -> int:
+            most: dict[str, tuple[int, int]] = {}  # chunk id -> (length, replicas)
+            for m in self.store.resolve_files("/", True):
+                n = effective_replicas(policy.for_path(m.path), live)
+                for c in m.chunks:
+                    if most.get(c.id, (0, -1))[1] < n:
+                        most[c.id] = (c.length, n)
+            return sum(length * n for length, n in most.values())
+
+        total = await self._read(scan)
+        self._replicated = (key, total)
+        return total
+
+    # -- replica policy ------------------------------------------------------
+
+    async def _replicas_reply(self, path: str) -> pb.ReplicasResponse:
+        policy = await self.policy()
+        live = await self._live_nodes()
+        reply = pb.ReplicasResponse(
+            default_replicas=policy.default,
+            overrides=[pb.ReplicaRule(path=p, replicas=n) for p, n in sorted(policy.overrides.items())],
+            live_nodes=len(live),
+            live_zones=len({n.zone for n in live}),
+        )
+        if path:
+            reply.path = path
+            reply.replicas = policy.for_path(path)
+        want = reply.replicas if path else max([policy.default, *policy.overrides.values()])
+        if want > len(live):
+            reply.warning = (f"{want} replicas wanted but only {len(live)} live node{'s' if len(live) != 1 else ''}:"
+                             f" each chunk is kept on {len(live)} until more join")
+        return reply
+
+    @_unary
+    async def SetReplicas(self, request: pb.ReplicaRule, context: grpc.aio.ServicerContext) -> pb.ReplicasResponse:
+        path = paths.normalize(request.path)
+        if request.replicas:
+            check_replicas(request.replicas, "replicas")
+        await self._write(self.store.set_replicas, path, request.replicas)
+        self._policy_at = float("-inf")  # applies here at once
+        log.info("replicas of %s: %s", path, request.replicas or f"the default ({self.default_replicas})",
+                 extra={"path": path, "method": "SetReplicas"})
+        self.repairer.poke()
+        return await self._replicas_reply(path)
+
+    @_unary
+    async def GetReplicas(self, request: pb.ReplicasRequest,
+                          context: grpc.aio.ServicerContext) -> pb.ReplicasResponse:
+        return await self._replicas_reply(paths.normalize(request.path) if request.path else "")
 
     @_unary
     async def GetConfig(self, request: pb.ConfigRequest, context: grpc.aio.ServicerContext) -> pb.ConfigResponse:

@@ -16,7 +16,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from .. import auth
-from ..errors import InvalidArgument
+from ..errors import AlreadyExists, InvalidArgument
 from ..store.base import MetaStore, TokenRecord
 
 log = logging.getLogger(__name__)
@@ -53,12 +53,17 @@ class TokenAuthority:
     def bootstrap(self, data_dir: Path) -> Path | None:
         """Write ``DATA/admin.token`` (0600) on the first start, when no token was ever issued.
 
-        Returns the path written, else None. Blocking.
+        Returns the path written, else None. Blocking. Of several services
+        starting at once over one empty store, one issues it; the others find
+        the name taken and write nothing.
         """
         path = data_dir / ADMIN_TOKEN_FILE
         if not self.enabled or path.exists() or self.store.list_tokens():
             return None
-        token, _ = self.create("admin", "admin")
+        try:
+            token, _ = self.create("admin", "admin")
+        except AlreadyExists:
+            return None
         auth.write_secret(path, (token + "\n").encode())
         return path
 

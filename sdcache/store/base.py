@@ -1,8 +1,9 @@
 """The metadata store interface: namespace, manifests, pins, node registry.
 
 The metadata service is a thin gRPC adapter over a :class:`MetaStore`. The
-embedded implementation is SQLite (:mod:`sdcache.store.sqlite`); a networked
-database can take its place by implementing this class and passing the
+embedded implementation is SQLite (:mod:`sdcache.store.sqlite`); the
+networked one is PostgreSQL (:mod:`sdcache.store.postgres`). Another
+database takes their place by implementing this class and passing the
 contract suite in ``tests/test_store.py``.
 
 Semantics every implementation keeps:
@@ -13,7 +14,10 @@ Semantics every implementation keeps:
 * Directories are implicit: a directory exists while a file lies under it;
   ``/`` always exists. A file never has a file as an ancestor.
 * :meth:`MetaStore.commit` is durable once it returns and assigns the next
-  value of one global, strictly increasing generation counter.
+  value of one global, strictly increasing generation counter. So is every
+  other write but :meth:`MetaStore.heartbeat`.
+* Several stores (in several processes) may open one database; each sees
+  the others' writes once they returned.
 * Errors are :mod:`sdcache.errors` classes, never backend exceptions.
 * Methods are blocking and safe to call from several threads at once;
   async callers run them in a thread.
@@ -45,6 +49,7 @@ class NodeRecord:
     used: int = 0
     chunks: int = 0
     last_seen: float = 0.0  # unix seconds of the last registration or heartbeat
+    zone: str = ""  # failure domain (``sdcache node --zone``)
 
     def info(self) -> NodeInfo:
         """The placement view of this node."""
@@ -56,6 +61,7 @@ class NodeRecord:
             host_id=self.host_id,
             pool_dir=self.pool_dir,
             used=self.used,
+            zone=self.zone,
         )
 
 
@@ -172,7 +178,13 @@ class MetaStore(ABC):
 
     @abstractmethod
     def heartbeat(self, node_id: str, used: int, chunks: int, now: float) -> bool:
-        """Record a heartbeat; False when *node_id* is not registered."""
+        """Record a heartbeat; False when *node_id* is not registered.
+
+        Not durable on return: liveness is renewed every interval, so a store
+        must not pay an fsync per heartbeat (a crash may forget the last few).
+        Visible to every reader of the store, since any metadata process over
+        it may be asked for the live nodes.
+        """
 
     @abstractmethod
     def list_nodes(self) -> list[NodeRecord]:
@@ -181,6 +193,17 @@ class MetaStore(ABC):
         Liveness is the service's policy (``last_seen`` against its heartbeat
         interval), not the store's.
         """
+
+    # -- replica policy ------------------------------------------------------
+
+    @abstractmethod
+    def set_replicas(self, path: str, replicas: int) -> None:
+        """Set the replica count of the files under *path* (a directory or a file; it need not
+        exist yet); 0 drops the override. Durable on return."""
+
+    @abstractmethod
+    def replica_overrides(self) -> dict[str, int]:
+        """Every per-path replica override, ``{normalized path: replicas}``."""
 
     # -- tokens --------------------------------------------------------------
 

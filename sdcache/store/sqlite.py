@@ -5,6 +5,16 @@ so a commit that returned survives ``kill -9`` and power loss. Writers are
 serialized by a lock and take the write lock up front (``BEGIN IMMEDIATE``);
 readers use their own per-thread connections and never wait for writers.
 
+Heartbeats are the exception: a transaction holding only heartbeats runs
+with ``synchronous=NORMAL``, which in WAL mode writes the log without an
+fsync. The next durable commit (or checkpoint) syncs those frames with its
+own, so a heartbeat costs no fsync; a power loss may forget the last few
+seconds of liveness, which the next heartbeat restores, and never anything
+acknowledged as durable.
+
+The schema version is ``PRAGMA user_version``; a database of a newer version
+than this code raises :class:`~sdcache.errors.SchemaTooNew` and is left alone.
+
 Tables::
 
     counters(name, value)                  generation, pins_generation
@@ -14,6 +24,7 @@ Tables::
     pins(path)                             pinned files
     nodes(node_id, address, ...)           node registry
     tokens(name, role, created, ...)       issued and revoked tokens (never the token)
+    replicas(path, replicas)               per-path replica overrides (sdcache replicas)
 
 A directory row exists exactly while a file lies under it (``/`` always), so
 listing a directory is two indexed range scans, ``(parent, name) > token``.
@@ -27,33 +38,34 @@ import logging
 import os
 import sqlite3
 import threading
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 from .. import paths
-from ..chunking import CHUNK_SIZE
 from ..errors import (
     AlreadyExists,
     CapacityExceeded,
-    InvalidArgument,
     IsADirectory,
     NotADirectory,
     NotFound,
     ReadOnly,
+    SchemaTooNew,
     SdcacheError,
 )
-from ..hashing import is_chunk_id
-from ..manifest import CHUNK_ENTRY, Entry, Manifest, pack_chunks, unpack_chunks
+from ..manifest import CHUNK_ENTRY, Entry, Manifest, unpack_chunks
+from ._namespace import ID_SLICE as _ID
+from ._namespace import chunk_counts as _chunk_counts
+from ._namespace import pack_valid as _pack_valid
+from ._namespace import subtree as _subtree
 from .base import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, MetaStore, NodeRecord, StoreStats, TokenRecord
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
@@ -112,22 +124,15 @@ CREATE TABLE tokens (
     revoked REAL NOT NULL
 ) WITHOUT ROWID;
 """,
+    3: """
+ALTER TABLE nodes ADD COLUMN zone TEXT NOT NULL DEFAULT '';
+CREATE TABLE replicas (path TEXT PRIMARY KEY, replicas INTEGER NOT NULL) WITHOUT ROWID;
+""",
 }
 
 _ENTRY_COLS = "path, size, mtime, kind, sha256, generation, chunk_count"
 _MANIFEST_COLS = "path, size, mtime, source, version_tag, sha256, kind, base, metadata, generation, chunks"
-_NODE_COLS = "node_id, address, capacity, role, host_id, pool_dir, used, chunks, last_seen"
-_ID = slice(12, 28)  # the digest inside one packed chunk-table entry
-
-
-def _subtree(directory: str) -> tuple[str, str]:
-    """Bounds (exclusive) of every path strictly under *directory*.
-
-    ``'0'`` is the character after ``'/'``, so ``lo < p < hi`` is exactly
-    "p starts with directory + '/'".
-    """
-    prefix = "" if directory == "/" else directory
-    return prefix + "/", prefix + "0"
+_NODE_COLS = "node_id, address, capacity, role, host_id, pool_dir, used, chunks, last_seen, zone"
 
 
 def _file_entry(row: tuple) -> Entry:
@@ -156,41 +161,14 @@ def _manifest(row: tuple) -> Manifest:
     )
 
 
-def _chunk_counts(blobs: Iterable[bytes]) -> tuple[Counter[bytes], dict[bytes, int]]:
-    """Occurrences and length of every chunk digest in packed chunk tables."""
-    counts: Counter[bytes] = Counter()
-    lengths: dict[bytes, int] = {}
-    for blob in blobs:
-        for _, length, digest in CHUNK_ENTRY.iter_unpack(blob):
-            counts[digest] += 1
-            lengths[digest] = length
-    return counts, lengths
-
-
-def _pack_valid(manifest: Manifest) -> bytes:
-    """The packed chunk table of *manifest*, or :class:`InvalidArgument` why not."""
-    where = manifest.path
-    if manifest.size < 0:
-        raise InvalidArgument(f"{where}: negative size {manifest.size}")
-    try:
-        manifest.validate()
-    except ValueError as exc:
-        raise InvalidArgument(f"{where}: {exc}") from None
-    for c in manifest.chunks:
-        if c.length > CHUNK_SIZE:
-            raise InvalidArgument(f"{where}: chunk at byte {c.offset} is {c.length} bytes, over the 4 MiB limit")
-        if not is_chunk_id(c.id):
-            raise InvalidArgument(f"{where}: chunk at byte {c.offset} has an invalid id {c.id!r}")
-    return pack_chunks(manifest.chunks)
-
-
 class _Job:
     """One caller's piece of a group-committed write transaction."""
 
-    __slots__ = ("work", "result", "error", "done")
+    __slots__ = ("work", "durable", "result", "error", "done")
 
-    def __init__(self, work: Callable[[sqlite3.Connection], Any]) -> None:
+    def __init__(self, work: Callable[[sqlite3.Connection], Any], durable: bool) -> None:
         self.work = work
+        self.durable = durable  # False: liveness only, worth no fsync of its own
         self.result: Any = None
         self.error: BaseException | None = None
         self.done = False
@@ -216,8 +194,9 @@ class SqliteStore(MetaStore):
         def work(conn: sqlite3.Connection) -> None:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
-                raise SdcacheError(
-                    f"{self.db_path}: metadata schema version {version}, this sdcache reads {SCHEMA_VERSION}"
+                raise SchemaTooNew(
+                    f"{self.db_path}: metadata schema version {version} was written by a newer sdcache; "
+                    f"this one reads up to version {SCHEMA_VERSION} and changed nothing"
                 )
             scripts = [_SCHEMA] if version == 0 else []
             scripts += [_MIGRATIONS[v] for v in range(max(version, 1) + 1, SCHEMA_VERSION + 1)]
@@ -246,6 +225,7 @@ class SqliteStore(MetaStore):
             conn.execute("PRAGMA synchronous = FULL")
             conn.execute("PRAGMA cache_size = -32768")  # 32 MiB
             self._local.conn = conn
+            self._local.durable = True  # what PRAGMA synchronous is set to: FULL
             with self._conns_lock:
                 self._conns.append(conn)
         return conn
@@ -270,16 +250,17 @@ class SqliteStore(MetaStore):
         except sqlite3.Error as exc:
             raise self._translated(exc) from exc
 
-    def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        """Run *work* in a write transaction; return once it is durable.
+    def _write(self, work: Callable[[sqlite3.Connection], T], *, durable: bool = True) -> T:
+        """Run *work* in a write transaction; return once it is durable (unless not *durable*).
 
         Group commit: callers queue their work; whoever holds the write lock
         runs everything queued so far in one transaction, each piece inside
         its own savepoint (a failing piece rolls back alone), and pays for
         one fsync. Concurrent writers thus share fsyncs instead of queueing
-        behind one each.
+        behind one each. A transaction of only non-*durable* work (heartbeats)
+        commits without an fsync (see the module docstring).
         """
-        job = _Job(work)
+        job = _Job(work, durable)
         with self._queue_lock:
             self._queue.append(job)
         with self._write_lock:
@@ -295,6 +276,10 @@ class SqliteStore(MetaStore):
         try:
             with self._translate():
                 conn = self._conn()
+                durable = any(job.durable for job in jobs)
+                if durable != self._local.durable:  # a pragma, so set between transactions
+                    conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
+                    self._local.durable = durable
                 conn.execute("BEGIN IMMEDIATE")
                 try:
                     for job in jobs:
@@ -573,7 +558,7 @@ class SqliteStore(MetaStore):
         def work(conn: sqlite3.Connection) -> None:
             conn.execute("DELETE FROM nodes WHERE address = ? AND node_id != ?", (node.address, node.node_id))
             conn.execute(
-                f"INSERT OR REPLACE INTO nodes ({_NODE_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT OR REPLACE INTO nodes ({_NODE_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     node.node_id,
                     node.address,
@@ -584,6 +569,7 @@ class SqliteStore(MetaStore):
                     node.used,
                     node.chunks,
                     node.last_seen,
+                    node.zone,
                 ),
             )
 
@@ -597,12 +583,29 @@ class SqliteStore(MetaStore):
             )
             return cur.rowcount > 0
 
-        return self._write(work)
+        return self._write(work, durable=False)
 
     def list_nodes(self) -> list[NodeRecord]:
         with self._read() as conn:
             rows = conn.execute(f"SELECT {_NODE_COLS} FROM nodes ORDER BY node_id").fetchall()
         return [NodeRecord(*r) for r in rows]
+
+    # -- replica policy ------------------------------------------------------
+
+    def set_replicas(self, path: str, replicas: int) -> None:
+        path = paths.normalize(path)
+
+        def work(conn: sqlite3.Connection) -> None:
+            if replicas:
+                conn.execute("INSERT OR REPLACE INTO replicas VALUES (?, ?)", (path, replicas))
+            else:
+                conn.execute("DELETE FROM replicas WHERE path = ?", (path,))
+
+        self._write(work)
+
+    def replica_overrides(self) -> dict[str, int]:
+        with self._read() as conn:
+            return dict(conn.execute("SELECT path, replicas FROM replicas ORDER BY path").fetchall())
 
     # -- tokens --------------------------------------------------------------
 
