@@ -91,7 +91,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 def sweep_stale() -> list[str]:
-    """Delete the namespaces of beds whose creating process is gone (a killed test run)."""
+    """Delete the namespaces (and /dev/shm pools) of beds whose creating process is gone (a killed run)."""
     removed = []
     for ns in _namespaces():
         m = re.fullmatch(rf"{PREFIX}(\d+)[a-z]-.*", ns)
@@ -99,6 +99,15 @@ def sweep_stale() -> list[str]:
             _kill_in(ns)
             _ip("netns", "del", ns, check=False)
             removed.append(ns)
+    try:
+        shm = os.listdir("/dev/shm")
+    except OSError:
+        shm = []
+    for name in shm:
+        m = re.fullmatch(rf"{PREFIX}(\d+)[a-z]-pools-.*", name)
+        if m and not _pid_alive(int(m.group(1))):
+            shutil.rmtree(os.path.join("/dev/shm", name), ignore_errors=True)
+            removed.append(name)
     return removed
 
 
