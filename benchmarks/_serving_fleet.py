@@ -283,6 +283,7 @@ class MemorySampler:
         self.interval = interval
         self.peak_ours = 0
         self.peak_used = 0
+        self.peaks: dict[str, int] = {}  # private bytes per process name, and "pool"
         self.base_used = _host_used()
         self.tripped = False
         self._stop = threading.Event()
@@ -298,10 +299,14 @@ class MemorySampler:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            pids = [os.getpid()] + [p.proc.pid for p in self.bench.procs if p.proc and p.proc.poll() is None]
-            pids += [c.proc.pid for c in [self.bench.cluster.meta, *self.bench.cluster.node_children]
-                     if c is not None and c.proc is not None]
-            ours = sum(_anon_rss(pid) for pid in pids) + self.bench.pool_bytes()
+            named = {"bench": os.getpid()} | {p.name: p.proc.pid for p in self.bench.procs
+                                              if p.proc and p.proc.poll() is None}
+            named |= {c.name: c.proc.pid for c in [self.bench.cluster.meta, *self.bench.cluster.node_children]
+                      if c is not None and c.proc is not None}
+            sizes = {name: _anon_rss(pid) for name, pid in named.items()} | {"pool": self.bench.pool_bytes()}
+            for name, n in sizes.items():
+                self.peaks[name] = max(self.peaks.get(name, 0), n)
+            ours = sum(sizes.values())
             self.peak_ours = max(self.peak_ours, ours)
             self.peak_used = max(self.peak_used, _host_used())
             if _host_total() - _host_used() < GUARD and not self.tripped:  # the host is shared: never its OOM killer

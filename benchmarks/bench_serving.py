@@ -84,8 +84,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
     ap.add_argument("--optimize", action="store_true",
                     help="the optimized pipeline (pre-packs every conv/linear weight: a second copy of the UNet)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per runner (default 1: 2 runners, 2 vCPUs)")
-    ap.add_argument("--pool", help="cache pool capacity (default 4GiB; 64MiB with --quick)")
-    ap.add_argument("--host-budget", help="runner host-RAM tier (default 1GiB: LoRAs, no base file; 4MiB --quick)")
+    ap.add_argument("--pool", help="cache pool capacity (default 3GiB; 64MiB with --quick)")
+    ap.add_argument("--host-budget", help="runner host-RAM tier (default 256MiB: a few LoRAs, never a base file; "
+                    "4MiB with --quick)")
     ap.add_argument("--device-budget", default="0", help="runner device tier (default 0: the model in use)")
     ap.add_argument("--max-queue", type=int, default=16)
     ap.add_argument("--requests", type=int, help="trace length (default 120; 40 with --quick)")
@@ -104,8 +105,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
     cfg = Config(
         quick=q, workdir=Path(a.workdir) / ("quick" if q else "full"), bases=a.bases, loras=a.loras,
         size=a.size or (64 if q else 128), steps=a.steps, dtype=a.dtype or ("fp32" if q else "bf16"),
-        optimize=a.optimize, threads=a.threads, pool=parse_size(a.pool or ("64MiB" if q else "4GiB")),
-        host_budget=parse_size(a.host_budget or ("4MiB" if q else "1GiB")),
+        optimize=a.optimize, threads=a.threads, pool=parse_size(a.pool or ("64MiB" if q else "3GiB")),
+        host_budget=parse_size(a.host_budget or ("4MiB" if q else "256MiB")),
         device_budget=parse_size(a.device_budget), max_queue=a.max_queue,
         requests=a.requests or (40 if q else 120), rate=a.rate or 0.0, zipf=a.zipf, seed=a.seed,
         warmup=a.warmup, overhead_rounds=a.overhead_rounds or (8 if q else 15),
@@ -534,6 +535,7 @@ def main(argv: list[str] | None = None) -> int:
             results: dict[str, PolicyResult] = {}
             first = int(len(trace) * cfg.warmup)
             loads: dict[str, str] = {}
+            peaks: dict[str, dict[str, int]] = {}
             for policy in cfg.policies:
                 for attempt in range(3):  # the host is shared: a run the memory guard stopped is run again
                     before = load_average()
@@ -552,6 +554,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"# {policy}: {r.measured} ok, {r.failed} failed, {r.loads_per_100:.1f} loads/100, p50 "
                       f"{r.p50_s:.2f} s, p99 {r.p99_s:.2f} s, {wall:.0f} s, peak {r.peak_ours / 2**30:.1f} GiB "
                       f"(host used {r.peak_used / 2**30:.1f} GiB); load {loads[policy]}", flush=True)
+                print("#   peak private memory: " + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in mem.peaks.items()),
+                      flush=True)
+                peaks[policy] = dict(mem.peaks)
             costs = measured_costs(cfg, runs, trace, bench.sizes)
             sims = predict(cfg, trace, bench.sizes, costs, bw)
             traced = [report_trace(cfg, results, sims)]
@@ -572,7 +577,8 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(traced), flush=True)
             doc.update(trace=[asdict(t) for t in trace], runs={p: [asdict(o) for o in v] for p, v in runs.items()},
                        results={p: asdict(r) for p, r in results.items()},
-                       sim={p: s.to_dict() for p, s in sims.items()}, costs=costs, bandwidths=bw)
+                       sim={p: s.to_dict() for p, s in sims.items()}, costs=costs, bandwidths=bw,
+                       memory_peaks=peaks)
     finally:
         bench.close()
         if args.json:
