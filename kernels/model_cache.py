@@ -183,6 +183,37 @@ class ByteLRU(Generic[V]):
                 self._on_evict(k, e.value)
 
 
+def reclaim() -> None:
+    """Give freed model memory back to the OS: collect reference cycles, then trim malloc's arenas.
+
+    A built model is thousands of tensors allocated from several threads' malloc
+    arenas, and LoRA hooks tie modules into reference cycles. Without this, a
+    long-running ``serve`` that switches base models grows by a model's size
+    every few switches (measured: 2.5 to 4.7 GiB over ten SD1.5 requests with
+    LoRAs; flat at 2.6-3.4 GiB with it). Costs tens of milliseconds, against
+    the seconds of the switch it follows.
+    """
+    import gc
+
+    gc.collect()
+    try:
+        _libc().malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+_LIBC: Any = None
+
+
+def _libc() -> Any:
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+
+        _LIBC = ctypes.CDLL("libc.so.6")
+    return _LIBC
+
+
 def physical_memory() -> int:
     """Bytes of RAM on this host."""
     try:

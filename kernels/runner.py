@@ -34,7 +34,7 @@ from sdcache import errors
 from . import checkpoint, components, lora, sources
 from .metrics import DENOISE_SECONDS, LOAD_SECONDS_BY_TIER
 from .families import Family, label_for_cross_attention_dim
-from .model_cache import TIER_DEVICE, TIER_RAM, ModelCache, default_budgets, tensors_nbytes
+from .model_cache import TIER_DEVICE, TIER_RAM, ModelCache, default_budgets, reclaim, tensors_nbytes
 from .pipeline import assemble, make_scheduler
 from .request import Request
 from .tokenizer import clip_tokenizer, tokenizer_from_files
@@ -291,7 +291,10 @@ class Runner:
         pinned: list[Any] = []
         try:
             if bundle is None:  # free the models this one displaces before building it, not after
+                evictions = self.cache.device.evictions
                 self.cache.device.make_room(sum(tensors_nbytes(files[u][0].values()) for u in src.urls))
+                if self.cache.device.evictions != evictions:
+                    reclaim()  # the displaced model's memory goes back before the new one is built
                 bundle = self._build_base(src, files, tiers)
                 self.cache.device.put(base_key, bundle, bundle.nbytes, pin=True)
             else:
@@ -485,6 +488,8 @@ class Runner:
         if changed:
             self.cache.device.resize(base_key, bundle.nbytes + bundle.patcher.extra_nbytes)
             edited = bundle.patcher.weights_edited  # side paths leave weights (and what is packed from them) alone
+            if edited:
+                reclaim()  # a merge or unmerge frees the weights' backups or working copies
             if self._optimizer is not None and edited:
                 for pipe in bundle.pipes.values():
                     self._optimizer[1](pipe, edited)

@@ -639,16 +639,60 @@ def displaced(demand: Demand, view: RunnerView) -> int:
 # --------------------------------------------------------------------------- policies
 
 
+class Popularity:
+    """Each base model's share of recent requests: counts decayed by *decay* per request, updated in O(1).
+
+    A key's count is brought up to date lazily when it is read or bumped, so a
+    catalogue of thousands of models costs nothing per request for the ones
+    not asked for.
+    """
+
+    __slots__ = ("decay", "_log_d", "_n", "_total", "_counts")
+
+    def __init__(self, window: int = 256) -> None:
+        if window < 1:
+            raise InvalidArgument(f"popularity window must be >= 1 request, not {window}")
+        self.decay = 1.0 - 1.0 / window
+        self._log_d = math.log(self.decay) if self.decay > 0 else -math.inf
+        self._n = 0
+        self._total = 0.0
+        self._counts: dict[str, tuple[float, int]] = {}  # key -> (count at request n, n)
+
+    def observe(self, key: str) -> None:
+        self._n += 1
+        self._total = self._total * self.decay + 1.0
+        c, at = self._counts.get(key, (0.0, self._n))
+        self._counts[key] = (c * self._factor(self._n - at) + 1.0, self._n)
+        if len(self._counts) > 8 * 4096:  # forget the long tail: its shares are ~0 anyway
+            for k in sorted(self._counts, key=self.share)[: len(self._counts) // 2]:
+                del self._counts[k]
+
+    def share(self, key: str) -> float:
+        """The decayed fraction of recent requests that asked for *key* (0 when never seen)."""
+        entry = self._counts.get(key)
+        if entry is None or self._total <= 0:
+            return 0.0
+        c, at = entry
+        return c * self._factor(self._n - at) / self._total
+
+    def _factor(self, k: int) -> float:
+        return math.exp(self._log_d * k) if k else 1.0
+
+
 class Policy:
     """A routing policy: rank the available runners for a demand, best first.
 
     Unhealthy and full runners are left out; an empty list means none can
     take it (answer 429/503). The gateway sends to the first and, where that
     fails, tries the next; then it calls :meth:`RunnerView.assign` on the one
-    that took it.
+    that took it. :meth:`observe` is called once per request before ranking
+    (retries rank again without observing again).
     """
 
     name = "policy"
+
+    def observe(self, demand: Demand) -> None:
+        """Note that *demand* arrived (a policy that learns from the traffic overrides this)."""
 
     def rank(self, demand: Demand, views: Sequence[RunnerView], pool_has: PoolHas = None) -> list[Estimate]:
         raise NotImplementedError
@@ -659,24 +703,75 @@ class Policy:
         return ranked[0] if ranked else None
 
 
-class EarliestFinish(Policy):
-    """The runner that would finish *demand* first, by :func:`estimate`.
+def evicted(demand: Demand, view: RunnerView) -> list[tuple[str, int]]:
+    """The device entries *view* would evict, oldest first, to build *demand*'s models there."""
+    own = {c.key for c in (demand.base, demand.controlnet) if c is not None}
+    new = sum(c.nbytes for c in (demand.base, demand.controlnet) if c is not None and c.key not in view.device)
+    if not new:
+        return []
+    over = view.device.used + new - view.device.capacity
+    out: list[tuple[str, int]] = []
+    for k, n in view.device.items.items():
+        if over <= 0:
+            break
+        if k not in own:
+            out.append((k, n))
+            over -= n
+    return out
 
-    Runners whose finish times are within *tie_s* of the best are ordered by
-    the device bytes the request would evict there (:func:`displaced`: keep
-    what other requests will want), then by the rendezvous hash of the base
-    model's key, so equal runners send each model to the same runner rather
-    than spread it around.
+
+class EarliestFinish(Policy):
+    """The runner that would finish *demand* first, by :func:`estimate`, counting what its switch evicts.
+
+    A runner's score is its estimated finish plus the *regret* of the models
+    the request would evict there (:func:`evicted`): for each one that no other
+    runner holds on its device, the cost of loading it again (fetch from the
+    pool, build) times the chance that it is wanted again soon, its share of
+    recent requests (:class:`Popularity`) times *horizon* (default: the number
+    of runners, as a fleet of G runners serves about G requests in the time
+    one request runs), capped at 1. So a rare model does not evict the model
+    a third of the traffic wants when a runner holding a rarer one could take
+    it nearly as soon; with one runner per model, regret is 0 and the rule is
+    plain earliest finish.
+
+    Runners whose scores are within *tie_s* of the best are ordered by the
+    device bytes the request would evict there (:func:`displaced`), then by
+    the rendezvous hash of the base model's key, so equal runners send each
+    model to the same runner rather than spread it around.
     """
 
     name = "finish"
 
-    def __init__(self, tie_s: float = 0.05) -> None:
+    def __init__(self, tie_s: float = 0.05, window: int = 256, horizon: float | None = None) -> None:
         self.tie_s = tie_s
+        self.horizon = horizon
+        self.popularity = Popularity(window)
+
+    def observe(self, demand: Demand) -> None:
+        self.popularity.observe(demand.base.key)
+
+    def regret_s(self, demand: Demand, view: RunnerView, views: Sequence[RunnerView],
+                 pool_has: PoolHas = None) -> float:
+        """Expected seconds other requests lose because *demand* evicts models from *view* (see the class)."""
+        gone = evicted(demand, view)
+        if not gone:
+            return 0.0
+        horizon = self.horizon if self.horizon is not None else max(1, len(views))
+        costs = view.costs
+        regret = 0.0
+        for key, nbytes in gone:
+            if any(key in v.device for v in views if v is not view and v.healthy):
+                continue  # another runner still has it
+            p = min(1.0, self.popularity.share(key) * horizon)
+            if p > 0:
+                tier = TIER_CLUSTER if pool_has is None or pool_has(key) else TIER_STORE
+                regret += p * (costs.fetch_s(nbytes, tier) + costs.build_s(nbytes))
+        return regret
 
     def rank(self, demand: Demand, views: Sequence[RunnerView], pool_has: PoolHas = None) -> list[Estimate]:
         pool_has = _memo(pool_has)
-        return self._order(demand, [estimate(demand, v, pool_has) for v in views if v.available])
+        ests = [estimate(demand, v, pool_has) for v in views if v.available]
+        return self._order(demand, ests, [e.total_s + self.regret_s(demand, e.runner, views, pool_has) for e in ests])
 
     def choose(self, demand: Demand, views: Sequence[RunnerView], pool_has: PoolHas = None) -> Estimate | None:
         """``rank(...)[0]`` without estimating runners that cannot win (their queue and denoise alone lose)."""
@@ -687,26 +782,29 @@ class EarliestFinish(Policy):
              for i, v in enumerate(views) if v.healthy and len(v.queue_s) < v.max_queue),
             key=lambda b: (b[0], b[1]))
         ests: list[Estimate] = []
+        scores: list[float] = []
         best = math.inf
         for lower, _, v in bounds:
-            if lower > best + self.tie_s:
+            if lower > best + self.tie_s:  # a lower bound of its score: regret only adds
                 break
             e = estimate(demand, v, pool_has)
             ests.append(e)
-            best = min(best, e.total_s)
-        ranked = self._order(demand, ests)
+            scores.append(e.total_s + self.regret_s(demand, v, views, pool_has))
+            best = min(best, scores[-1])
+        ranked = self._order(demand, ests, scores)
         return ranked[0] if ranked else None
 
-    def _order(self, demand: Demand, ests: list[Estimate]) -> list[Estimate]:
+    def _order(self, demand: Demand, ests: list[Estimate], scores: list[float]) -> list[Estimate]:
         if not ests:
             return ests
-        best = min(e.total_s for e in ests)
+        best = min(scores)
         key = demand.base.key
-        tied = [e for e in ests if e.total_s <= best + self.tie_s]
-        rest = [e for e in ests if e.total_s > best + self.tie_s]
-        tied.sort(key=lambda e: (displaced(demand, e.runner), -affinity(key, e.runner.runner_id)))
-        rest.sort(key=lambda e: (e.total_s, -affinity(key, e.runner.runner_id)))
-        return tied + rest
+        scored = list(zip(scores, ests))
+        tied = [(s, e) for s, e in scored if s <= best + self.tie_s]
+        rest = [(s, e) for s, e in scored if s > best + self.tie_s]
+        tied.sort(key=lambda se: (displaced(demand, se[1].runner), -affinity(key, se[1].runner.runner_id)))
+        rest.sort(key=lambda se: (se[0], -affinity(key, se[1].runner.runner_id)))
+        return [e for _, e in tied + rest]
 
 
 class RoundRobin(Policy):

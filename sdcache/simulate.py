@@ -514,6 +514,7 @@ def simulate(arrivals: Sequence[Arrival], fleet: Fleet, policy: Policy | str,
             if job is not None:
                 end = job.end if job.end > 0 else job.start + job.work_est
                 r.view.running_s = max(end - now, 1e-3)
+        pol.observe(a.demand)
         best = pol.choose(a.demand, views, pool_has)
         if best is None:
             rejected += i >= first_measured

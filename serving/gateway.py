@@ -72,6 +72,7 @@ class Gateway:
         forward = copy.copy(body)
         forward["override_settings"] = {**(body.get("override_settings") or {}),
                                         "sd_model_checkpoint": plan.checkpoint.title}
+        self.policy.observe(demand)  # once per request: retries rank again, not count again
         tried: list[str] = []
         last_error: BaseException | None = None
         for _ in range(self.max_attempts):

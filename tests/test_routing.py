@@ -216,3 +216,39 @@ def test_bad_demands_are_invalid_arguments() -> None:
         demand(BASE_A, steps=0)
     d = demand(BASE_A, loras=(LORA_X,), batch=2)
     assert Demand.from_dict(json.loads(json.dumps(d.to_dict()))) == d
+
+
+def test_popularity_follows_recent_requests() -> None:
+    from sdcache.routing import Popularity
+
+    pop = Popularity(window=10)
+    for _ in range(30):
+        pop.observe(BASE_A.key)
+    assert pop.share(BASE_A.key) > 0.9 and pop.share(BASE_B.key) == 0.0
+    for _ in range(30):  # the traffic moves to B: A's share decays, untouched keys included
+        pop.observe(BASE_B.key)
+    assert pop.share(BASE_B.key) > 0.9 > 0.1 > pop.share(BASE_A.key)
+    assert pop.share(BASE_A.key) + pop.share(BASE_B.key) == pytest.approx(1.0)
+
+
+def test_a_rare_model_does_not_evict_the_popular_one() -> None:
+    """r1 holds the model most requests want, r2 a rarely used one; a new model goes to r2 even a bit later."""
+    def fleet() -> list[RunnerView]:
+        r1 = runner("r1", device=5 * GB, holds=(BASE_A,))  # room for one base each
+        r2 = runner("r2", device=5 * GB, holds=(BASE_B,), running_s=1.0)
+        return [r1, r2]
+
+    fresh = EarliestFinish()  # no traffic seen: plain earliest finish takes the idle runner
+    assert fresh.choose(demand(BASE_C), fleet()).runner_id == "r1"
+    learned = EarliestFinish()
+    for i in range(40):
+        learned.observe(demand(BASE_B if i % 10 == 0 else BASE_A))  # A: 90% of the traffic
+    views = fleet()
+    assert learned.choose(demand(BASE_C), views).runner_id == "r2"
+    assert [e.runner_id for e in learned.rank(demand(BASE_C), views)] == ["r2", "r1"]
+    # ... but not at any price: a long enough queue on r2 outweighs reloading A
+    views[1].running_s = 120.0
+    assert learned.choose(demand(BASE_C), views).runner_id == "r1"
+    # and with A on both runners, evicting one copy costs nothing
+    both = [runner("r1", device=5 * GB, holds=(BASE_A,)), runner("r2", device=5 * GB, holds=(BASE_A,), running_s=1.0)]
+    assert learned.choose(demand(BASE_C), both).runner_id == "r1"
