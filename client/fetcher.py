@@ -329,9 +329,20 @@ class Fetcher:
         # where a missing chunk's bytes are. A request never names a source.
         query = urlencode({"path": m.path}, quote_via=quote)
         conn = self._connection(node.address)
+        reused = conn.sock is not None
         try:
-            conn.request("GET", f"/chunks/{ref.id}?{query}", headers=self._headers)
-            resp = conn.getresponse()
+            try:
+                conn.request("GET", f"/chunks/{ref.id}?{query}", headers=self._headers)
+                resp = conn.getresponse()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                if not reused:
+                    raise
+                # The node closed this kept-alive connection while it sat idle (its keep-alive timeout):
+                # not a failure of the node. Ask again once on a new connection (a GET: safe to repeat).
+                self._drop_connection(node.address)
+                conn = self._connection(node.address)
+                conn.request("GET", f"/chunks/{ref.id}?{query}", headers=self._headers)
+                resp = conn.getresponse()
             if resp.status != 200:
                 body = resp.read()
                 try:

@@ -81,6 +81,7 @@ class NodeServer:
         max_inflight: int = DEFAULT_MAX_INFLIGHT,
         allow_sources: tuple[str, ...] = (),
         zone: str = "",
+        keepalive_s: float = KEEPALIVE_S,
     ) -> None:
         self.zone = check_zone(zone)
         if role not in ROLES:
@@ -97,6 +98,9 @@ class NodeServer:
         self.credentials = credentials or tls.Credentials()
         self.require_client_cert = require_client_cert
         self.max_inflight = max_inflight
+        if not 0 < keepalive_s <= 3600:
+            raise InvalidArgument(f"--keepalive-timeout must be in (0, 3600] seconds, not {keepalive_s:g}")
+        self.keepalive_s = keepalive_s
         self.allow_sources = allow_sources
         if meta is None and not insecure_no_auth:
             raise InvalidArgument("a node without a metadata service (--meta none) cannot check tokens: "
@@ -200,7 +204,7 @@ class NodeServer:
                 locator = SourceLocator(None)
             self.service = ChunkService(pool, locator=locator, max_inflight=self.max_inflight, peers=self.peers)
             app = NodeApp(self.service, self._info, self.verifier, self.not_ready).make_app()
-            self._runner = web.AppRunner(app, access_log=None, keepalive_timeout=KEEPALIVE_S)
+            self._runner = web.AppRunner(app, access_log=None, keepalive_timeout=self.keepalive_s)
             await self._runner.setup()
             site = web.SockSite(self._runner, sock, backlog=BACKLOG, ssl_context=ssl_context)
             await site.start()
@@ -299,6 +303,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-inflight", default="512MiB",
                         help="chunk bytes held for requests at once; more get 503 + Retry-After "
                         "(default %(default)s)")
+    parser.add_argument("--keepalive-timeout", type=float, default=KEEPALIVE_S, metavar="SECONDS",
+                        help="close a client's idle HTTP connection after this long; clients reconnect "
+                        "transparently (default %(default)g, above a typical load balancer's 60)")
     parser.add_argument("--insecure-no-auth", action="store_true",
                         help="send no token and, with --meta none, accept every request (never on a shared network)")
     parser.add_argument("--allow-source", action="append", default=[], metavar="PREFIX",
@@ -344,7 +351,7 @@ async def _run(args: argparse.Namespace, capacity: int, credentials: tls.Credent
         node_id=args.node_id, advertise=getattr(args, "advertise", None), ready_file=args.ready_file, stop=stop,
         credentials=credentials, insecure_no_auth=args.insecure_no_auth,
         require_client_cert=args.tls_require_client_cert, max_inflight=parse_size(args.max_inflight),
-        allow_sources=tuple(args.allow_source), zone=args.zone,
+        allow_sources=tuple(args.allow_source), zone=args.zone, keepalive_s=args.keepalive_timeout,
     )
     log.info("node stopped")
     return 0

@@ -30,7 +30,7 @@ from sdcache.client.fs import SdcacheFileSystem
 from sdcache.client.metaclient import MetaClient
 from sdcache.placement import rank
 
-from .conftest import corrupt_everywhere, run_cli
+from .conftest import _make_cluster, corrupt_everywhere, run_cli
 
 
 def _manifest(meta: str, path: str):
@@ -285,6 +285,32 @@ def test_when_every_node_stays_busy_the_reader_backs_off_then_reads_the_source(m
     assert node.requests >= 3 and node.served == 0  # asked again, backing off, before the source
     assert took < 5.0  # Retry-After: 5 is capped
     assert fs.fetcher.tiers["under"] >= 1
+
+
+# --------------------------------------------------------------------------- idle connections
+
+
+def test_a_connection_the_node_closed_while_idle_is_reopened_not_failed_over(tmp_path, caplog):
+    """A reader idle past the node's keep-alive timeout reads from the node again, not from the source."""
+    import logging
+    import shutil
+
+    c = _make_cluster(str(tmp_path / "c"), 1, 1 << 30)
+    c.node_args = ["--keepalive-timeout", "0.3"]
+    with c:
+        src, data, _ = _imported(c, tmp_path)
+        fs = SdcacheFileSystem(meta=c.meta_addr, skip_instance_cache=True)
+        fs.fetcher.short_circuit = False  # over HTTP, as from another host
+        assert fs.cat_file("/busy/x.bin") == data  # the node reads it through from the source
+        os.unlink(src)  # from now on only the node can serve: a fallback to the source fails the read
+        served = fs.fetcher.tiers["node"]
+        with caplog.at_level(logging.WARNING, logger="sdcache"):
+            for _ in range(2):
+                time.sleep(0.8)  # the node closes the kept-alive connections meanwhile
+                assert fs.cat_file("/busy/x.bin") == data
+    assert fs.fetcher.tiers["node"] == 3 * served and fs.fetcher.tiers["under"] == 0
+    assert not [r for r in caplog.records if "failed, trying the next" in r.getMessage()]
+    shutil.rmtree(c.pool_root, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- a busy mount
