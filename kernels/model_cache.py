@@ -215,15 +215,51 @@ def _libc() -> Any:
 
 
 def physical_memory() -> int:
-    """Bytes of RAM on this host."""
+    """Bytes of RAM this process may use: the host's, or its cgroup's memory limit where that is lower.
+
+    In a container the host's RAM is not what the kernel lets the pod use: a
+    default of half the host would be OOM-killed under a smaller limit.
+    """
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
-        return 16 << 30
+        host = 16 << 30
+    limit = cgroup_memory_limit()
+    return min(host, limit) if limit else host
+
+
+def cgroup_memory_limit(root: str = "/sys/fs/cgroup") -> int | None:
+    """This process's cgroup memory limit in bytes (v2 ``memory.max``, else v1), None when unlimited."""
+    candidates = []
+    try:
+        with open("/proc/self/cgroup") as f:
+            for line in f:
+                _, controllers, path = line.rstrip("\n").split(":", 2)
+                if controllers == "":  # v2 unified hierarchy
+                    candidates.append(os.path.join(root, path.lstrip("/"), "memory.max"))
+                elif "memory" in controllers.split(","):
+                    candidates.append(os.path.join(root, "memory", path.lstrip("/"), "memory.limit_in_bytes"))
+    except (OSError, ValueError):
+        pass
+    candidates += [os.path.join(root, "memory.max"), os.path.join(root, "memory", "memory.limit_in_bytes")]
+    for p in candidates:
+        try:
+            with open(p) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text == "max":
+            return None
+        try:
+            n = int(text)
+        except ValueError:
+            continue
+        return n if 0 < n < (1 << 60) else None  # v1 says "unlimited" with a huge number
+    return None
 
 
 def default_budgets(device: "torch.device") -> tuple[int, int]:
-    """(device, host) budgets: 60% of the GPU (0 on a CPU: only the model in use), half the RAM."""
+    """(device, host) budgets: 60% of the GPU (0 on a CPU: only the model in use), half the RAM (or cgroup limit)."""
     host = physical_memory() // 2
     if device.type == "cuda":
         import torch

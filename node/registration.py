@@ -32,6 +32,7 @@ from sdcache.errors import Unavailable
 from sdcache.hostport import split_hostports
 from sdcache.manifest import Manifest
 from sdcache.meta import grpcauth
+from sdcache.meta.authstate import AuthFollower
 from sdcache.meta.convert import ERROR_TRAILER, error_from_rpc, manifest_from_proto
 from sdcache.tls import Credentials
 
@@ -72,7 +73,7 @@ class Registration:
         self._pool = pool
         self._credentials = credentials
         self.verifier = verifier
-        self.auth_generation: int | None = None
+        self._auth = AuthFollower(verifier, self.meta)
         self.store_url = ""
         self.registered = asyncio.Event()
         self.registrations = 0
@@ -117,13 +118,18 @@ class Registration:
             node = self._node()
             stub = self._stub
             try:
+                # The token keys first, then the registration: a node clients can list but that cannot
+                # check their tokens yet would answer 503 and be avoided for seconds. Reloaded on every
+                # registration: the service may have restarted with other keys.
+                self._auth.where = self.meta
+                if not await self._auth.sync(stub):
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, BACKOFF_MAX)
+                    continue
                 resp = await stub.RegisterNode(node, timeout=RPC_TIMEOUT)
                 self.last_contact = time.monotonic()
-                self.auth_generation = None  # the service may have restarted with other keys
-                if await self._sync_auth(stub, resp.auth_generation):
+                if await self._auth.sync(stub, resp.auth_generation):  # a revocation in between
                     break
-                # Registered, but without the token keys this node can check no
-                # request: register again after the same capped backoff.
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, BACKOFF_MAX)
                 continue
@@ -175,7 +181,8 @@ class Registration:
                 log.info("metadata service forgot node %s; registering again", node_id)
                 self.registered.clear()
                 return
-            await self._sync_auth(stub, resp.auth_generation)
+            self._auth.where = self.meta
+            await self._auth.sync(stub, resp.auth_generation)
             await self._sync_pins(stub, resp.pins_generation)
 
     def not_ready(self) -> str | None:
@@ -189,23 +196,6 @@ class Registration:
             if silent > MISSED_HEARTBEATS * self.heartbeat_interval + READY_GRACE:
                 return f"the metadata service at {self.meta} has not answered for {silent:.1f}s"
         return None
-
-    async def _sync_auth(self, stub: pbg.MetaStub, generation: int) -> bool:
-        """Load the token keys and revocations unless *generation* is the one loaded; False on failure."""
-        if generation == self.auth_generation:
-            return True
-        try:
-            resp = await stub.AuthState(pb.AuthStateRequest(), timeout=RPC_TIMEOUT)
-        except grpc.aio.AioRpcError as e:
-            log.warning("cannot load token state from %s (%s: %s); will retry", self.meta, e.code().name,
-                        e.details())
-            return False
-        keys = [auth.public_from_bytes(k) for k in resp.public_keys]
-        self.verifier.update(keys, {t.name: t.revoked for t in resp.revoked}, enabled=resp.enabled)
-        if not resp.enabled:
-            log.warning("the metadata service runs with --insecure-no-auth: this node accepts every request")
-        self.auth_generation = resp.generation
-        return True
 
     async def get_manifest(self, path: str) -> Manifest:
         """The committed manifest of *path*, asked with this node's token (confined read-through).

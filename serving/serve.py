@@ -317,7 +317,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default %(default)s)")
     parser.add_argument("--dtype", default="auto", help="auto, bf16, fp16 or fp32 (default %(default)s)")
     parser.add_argument("--no-optimize", action="store_true", help="run the stock diffusers pipeline")
-    parser.add_argument("--host-budget", default=None, help="host-RAM tier size (default: half the RAM)")
+    parser.add_argument("--host-budget", default=None,
+                        help="host-RAM tier size (default: half the RAM, or of the container's memory limit)")
     parser.add_argument("--device-budget", default=None, help="device tier size (default: 60%% of the GPU, "
                         "0 on a CPU: only the model in use)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")

@@ -211,3 +211,19 @@ def test_request_parsing() -> None:
     assert parse_size("768x512") == (768, 512) and parse_size("512") == (512, 512)
     with pytest.raises(errors.InvalidArgument):
         parse_size("big")
+
+
+def test_default_host_budget_follows_the_container_memory_limit(tmp_path) -> None:
+    """In a pod with a memory limit, "half the RAM" is half the limit, not half the host."""
+    from sdcache.kernels.model_cache import cgroup_memory_limit
+
+    (tmp_path / "memory.max").write_text("2147483648\n")  # cgroup v2, 2 GiB
+    assert cgroup_memory_limit(str(tmp_path)) == 2 << 30
+    (tmp_path / "memory.max").write_text("max\n")
+    assert cgroup_memory_limit(str(tmp_path)) is None
+    (tmp_path / "memory.max").unlink()
+    (tmp_path / "memory").mkdir()
+    (tmp_path / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # v1 "unlimited"
+    assert cgroup_memory_limit(str(tmp_path)) is None
+    (tmp_path / "memory" / "memory.limit_in_bytes").write_text("1073741824\n")
+    assert cgroup_memory_limit(str(tmp_path)) == 1 << 30
