@@ -73,7 +73,7 @@ class Registration:
         self._pool = pool
         self._credentials = credentials
         self.verifier = verifier
-        self._auth = AuthFollower(verifier, self.meta)
+        self._auth = AuthFollower(verifier, self.meta, open_warning="this node accepts every request")
         self.store_url = ""
         self.registered = asyncio.Event()
         self.registrations = 0

@@ -24,9 +24,11 @@ RPC_TIMEOUT = 10.0
 class AuthFollower:
     """Keeps a :class:`~sdcache.auth.TokenVerifier` in step with the metadata service's ``AuthState``."""
 
-    def __init__(self, verifier: auth.TokenVerifier, where: str) -> None:
+    def __init__(self, verifier: auth.TokenVerifier, where: str,
+                 open_warning: str = "this server takes any bearer token") -> None:
         self.verifier = verifier
         self.where = where
+        self.open_warning = open_warning  # what auth being off means for this process, in its log
         self.generation: int | None = None
 
     async def sync(self, stub: pbg.MetaStub, generation: int | None = None) -> bool:
@@ -42,6 +44,6 @@ class AuthFollower:
         keys = [auth.public_from_bytes(k) for k in resp.public_keys]
         self.verifier.update(keys, {t.name: t.revoked for t in resp.revoked}, enabled=resp.enabled)
         if not resp.enabled and self.generation is None:
-            log.warning("the metadata service runs with --insecure-no-auth: this server takes any bearer token")
+            log.warning("the metadata service runs with --insecure-no-auth: %s", self.open_warning)
         self.generation = resp.generation
         return True
