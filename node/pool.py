@@ -451,7 +451,11 @@ class ChunkPool:
             if self._held:
                 self._reap_held()
             chunks = self._chunks
-            held = [c.size for i in self._pinned if (c := chunks.get(i)) is not None]
+            pinned = self._pinned
+            if len(pinned) <= len(chunks):  # the smaller side: a heartbeat's cost is not the size of a pin list
+                held = [c.size for i in pinned if (c := chunks.get(i)) is not None]
+            else:
+                held = [c.size for i, c in chunks.items() if i in pinned]
             return PoolStats(
                 capacity=self.capacity,
                 used=self._used,
