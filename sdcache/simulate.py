@@ -2,7 +2,8 @@
 
 It answers sizing questions before buying hardware ("how big must the cache
 pool be for p99 under 10 s?") and compares routing policies, with the very
-policy objects the gateway uses (:mod:`sdcache.routing`). See
+policy objects the gateway uses (:mod:`sdcache.policies`, over the fleet model of
+:mod:`sdcache.routing`). See
 ``docs/SIMULATE.md`` for what it models and what it does not.
 
 The world: *G* runners, each serving one request at a time from a FIFO queue,
@@ -38,8 +39,8 @@ from dataclasses import asdict, dataclass, field
 from typing import IO, Any
 
 from .errors import InvalidArgument
+from .policies import POLICIES, Policy, make_policy
 from .routing import (
-    POLICIES,
     TIER_CLUSTER,
     TIER_DEVICE,
     TIER_STORE,
@@ -47,11 +48,9 @@ from .routing import (
     Component,
     Costs,
     Demand,
-    Policy,
     RunnerView,
     Tier,
     estimate,
-    make_policy,
 )
 from .units import format_size, parse_size
 

@@ -2,5 +2,5 @@
 
 Installed as ``sdcache.serving``. The gateway routes and never imports torch or
 ``sdcache.kernels``; the routing policy itself is pure core
-(:mod:`sdcache.routing`), shared with ``sdcache simulate``.
+(:mod:`sdcache.policies` over :mod:`sdcache.routing`), shared with ``sdcache simulate``.
 """

@@ -2,7 +2,7 @@
 
 Each request is planned as ``serve`` plans it (:mod:`.plan`: the base model,
 LoRAs and ControlNet it names, its size and steps), then ranked over the
-runners of the registry by the routing policy (:mod:`sdcache.routing`; by
+runners of the registry by the routing policy (:mod:`sdcache.policies`; by
 default the earliest estimated finish: queue wait + the switch cost of what
 that runner lacks, from the tier it would come from + denoise time, with
 costs each runner measures and reports). The request goes to the best runner;
@@ -24,7 +24,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from sdcache import auth, errors, routing, tls
+from sdcache import auth, errors, policies, routing, tls
 from sdcache.hostport import write_ready_file
 
 from . import api, httpauth, metrics
@@ -43,7 +43,7 @@ CONNECT_TIMEOUT = 5.0
 class Gateway:
     """Routing state: the runner directory, the policy, the gateway's default model."""
 
-    def __init__(self, *, directory: RunnerDirectory, policy: routing.Policy, catalog: Catalog, limits: Limits,
+    def __init__(self, *, directory: RunnerDirectory, policy: policies.Policy, catalog: Catalog, limits: Limits,
                  gate: httpauth.Gate, credentials: tls.Credentials, request_timeout: float,
                  default_model: str | None = None, max_attempts: int = 3) -> None:
         self.directory = directory
@@ -190,7 +190,7 @@ def build_app(g: Gateway) -> web.Application:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``sdcache gateway`` options."""
     api.add_common_arguments(parser, "127.0.0.1:7861")
-    parser.add_argument("--policy", default="finish", choices=sorted(routing.POLICIES),
+    parser.add_argument("--policy", default="finish", choices=sorted(policies.POLICIES),
                         help="routing policy: finish (earliest estimated finish), multiplex (Ray Serve's rule), "
                         "round-robin (default %(default)s)")
     parser.add_argument("--request-timeout", type=float, default=900.0,
@@ -216,7 +216,7 @@ async def _run(args: argparse.Namespace, host: str, port: int) -> int:
     directory = RunnerDirectory(metas, credentials=credentials, verifier=verifier, interval=args.refresh_interval)
     meta_client = MetaClient(",".join(metas), credentials=credentials)
     catalog = Catalog(meta_client, args.checkpoints, args.loras, args.controlnets)
-    g = Gateway(directory=directory, policy=routing.make_policy(args.policy), catalog=catalog,
+    g = Gateway(directory=directory, policy=policies.make_policy(args.policy), catalog=catalog,
                 limits=api.limits_from(args), gate=gate,
                 credentials=credentials, request_timeout=args.request_timeout, default_model=args.default_model,
                 max_attempts=args.max_attempts)

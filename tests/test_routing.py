@@ -7,19 +7,8 @@ import json
 import pytest
 
 from sdcache import errors
-from sdcache.routing import (
-    POLICIES,
-    Component,
-    Costs,
-    Demand,
-    EarliestFinish,
-    Multiplex,
-    RoundRobin,
-    RunnerView,
-    Tier,
-    estimate,
-    make_policy,
-)
+from sdcache.policies import POLICIES, EarliestFinish, Multiplex, RoundRobin, make_policy
+from sdcache.routing import Component, Costs, Demand, RunnerView, Tier, estimate
 
 GB = 10**9
 BASE_A = Component("/models/checkpoints/a.safetensors", "base", 4 * GB)
@@ -219,7 +208,7 @@ def test_bad_demands_are_invalid_arguments() -> None:
 
 
 def test_popularity_follows_recent_requests() -> None:
-    from sdcache.routing import Popularity
+    from sdcache.policies import Popularity
 
     pop = Popularity(window=10)
     for _ in range(30):

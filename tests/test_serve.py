@@ -85,7 +85,7 @@ def test_every_route_of_serve_and_gateway_has_a_role() -> None:
                            runner_id="x", gate=gate)
     g = gateway.Gateway(directory=registry.RunnerDirectory([], credentials=Credentials(None, None),
                                                            verifier=gate.verifier),
-                        policy=gateway.routing.make_policy("finish"), catalog=Catalog(None), limits=Limits(),
+                        policy=gateway.policies.make_policy("finish"), catalog=Catalog(None), limits=Limits(),
                         gate=gate, credentials=Credentials(None, None), request_timeout=1)
     for app in (serve_mod.build_app(s), gateway.build_app(g)):
         routes = api.routes_of(app)
