@@ -74,19 +74,9 @@ class Models:
 def _random_module(comp: str, seed: int, dtype: Any) -> Any:
     import torch
 
-    from sdcache.kernels.components import empty_module
-    from sdcache.kernels.families import family
+    from sdcache.kernels.tiny import random_module
 
-    f = family("sd1")
-    m = empty_module(f.components[comp], f.config(comp)).to_empty(device="cpu").to(dtype)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0.0, 0.02, generator=g)
-        for name, b in m.named_buffers():
-            if name.endswith("position_ids"):
-                b.copy_(torch.arange(b.shape[-1]).expand(b.shape))
-    return m.eval()
+    return random_module("sd1", comp, dtype, torch.Generator().manual_seed(seed))
 
 
 def write_models(cfg: Config) -> Models:

@@ -39,28 +39,17 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
-from sdcache.kernels.components import empty_module  # noqa: E402
 from sdcache.kernels.families import family  # noqa: E402
 from sdcache.kernels.original_layout import original_layout  # noqa: E402
 from sdcache.kernels.request import Request  # noqa: E402
 from sdcache.kernels.runner import Runner  # noqa: E402
+from sdcache.kernels.tiny import random_module  # noqa: E402
 from sdcache.kernels.tokenizer import clip_tokenizer  # noqa: E402
 
 
 def random_components(seed: int, dtype: torch.dtype) -> dict[str, torch.nn.Module]:
-    f = family("sd1")
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for comp, cls in f.components.items():
-        m = empty_module(cls, f.config(comp)).to_empty(device="cpu").to(dtype)
-        with torch.no_grad():
-            for p in m.parameters():
-                p.normal_(0.0, 0.02, generator=g)
-            for name, b in m.named_buffers():
-                if name.endswith("position_ids"):
-                    b.copy_(torch.arange(b.shape[-1]).expand(b.shape))
-        out[comp] = m.eval()
-    return out
+    g = torch.Generator().manual_seed(seed)  # one generator through every component, in family order
+    return {comp: random_module("sd1", comp, dtype, g) for comp in family("sd1").components}
 
 
 def write_models(root: Path, dtype: torch.dtype) -> tuple[Path, Path]:

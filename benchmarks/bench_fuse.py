@@ -297,23 +297,14 @@ def commit_many(meta_addr: str, directory: str, n: int) -> None:
 WRITE_SD1 = """
 import gc, json, os, sys, torch
 from safetensors.torch import save_file
-from sdcache.kernels.components import empty_module
 from sdcache.kernels.families import family
 from sdcache.kernels.original_layout import original_layout
+from sdcache.kernels.tiny import random_module
 from sdcache.kernels.tokenizer import clip_tokenizer
 path, folder = sys.argv[1], sys.argv[2]
 f = family("sd1")
 g = torch.Generator().manual_seed(5)
-comps = {}
-for comp, cls in f.components.items():
-    m = empty_module(cls, f.config(comp)).to_empty(device="cpu").to(torch.float16)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0.0, 0.02, generator=g)
-        for name, b in m.named_buffers():
-            if name.endswith("position_ids"):
-                b.copy_(torch.arange(b.shape[-1]).expand(b.shape))
-    comps[comp] = m
+comps = {comp: random_module("sd1", comp, torch.float16, g) for comp in f.components}
 save_file(original_layout("sd1", comps), path)
 # the diffusers config folder from_single_file reads its configs from (configs only: no weights)
 index = {"_class_name": "StableDiffusionPipeline", "requires_safety_checker": False,

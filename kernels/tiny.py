@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from .checkpoint import unet_ldm_prefixes, unet_name_to_ldm
+from .components import empty_module
 from .families import family
 from .original_layout import original_layout
 from .tokenizer import clip_tokenizer
@@ -44,6 +45,25 @@ def _clip_config(hidden_act: str, layers: int = 2, hidden: int = 32) -> dict[str
         vocab_size=49408, max_position_embeddings=77, hidden_act=hidden_act, projection_dim=hidden,
         bos_token_id=0, eos_token_id=2, pad_token_id=1, layer_norm_eps=1e-5,
     )
+
+
+def random_module(fam: str, comp: str, dtype: torch.dtype, generator: torch.Generator,
+                  std: float = 0.02) -> torch.nn.Module:
+    """Component *comp* of family *fam* at its real size (the shipped config), weights drawn from *generator*.
+
+    For benchmarks that need real-sized models: nothing is downloaded. Every
+    parameter is normal(0, *std*) in parameter order; ``position_ids`` buffers
+    hold their positions.
+    """
+    f = family(fam)
+    m = empty_module(f.components[comp], f.config(comp)).to_empty(device="cpu").to(dtype)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0.0, std, generator=generator)
+        for name, b in m.named_buffers():
+            if name.endswith("position_ids"):
+                b.copy_(torch.arange(b.shape[-1]).expand(b.shape))
+    return m.eval()
 
 
 def randomize_zeros(module: torch.nn.Module, seed: int, std: float = 0.05) -> None:
