@@ -96,6 +96,7 @@ class Registration:
         if len(self.addresses) > 1:
             before = self.meta
             self._current = (self._current + 1) % len(self.addresses)
+            self._auth.where = self.meta
             log.warning("metadata service %s is unreachable; trying %s", before, self.meta)
 
     async def run(self) -> None:
@@ -121,7 +122,6 @@ class Registration:
                 # The token keys first, then the registration: a node clients can list but that cannot
                 # check their tokens yet would answer 503 and be avoided for seconds. Reloaded on every
                 # registration: the service may have restarted with other keys.
-                self._auth.where = self.meta
                 if not await self._auth.sync(stub):
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, BACKOFF_MAX)
@@ -181,7 +181,6 @@ class Registration:
                 log.info("metadata service forgot node %s; registering again", node_id)
                 self.registered.clear()
                 return
-            self._auth.where = self.meta
             await self._auth.sync(stub, resp.auth_generation)
             await self._sync_pins(stub, resp.pins_generation)
 
