@@ -20,7 +20,10 @@ hub download) and a ~1 GiB ``.ckpt`` zip pickle, mounts the cache twice
 
 Every row shows the median over rounds (best beside it) and the median of the
 per-round ratios to its reference, plus CPU seconds per GiB of daemon and
-reader together; the load average is printed per round. Usage:
+reader together and, for loaders, their minor page faults per GiB (each one
+maps pages already in the page cache: how many a load takes depends on the
+size of the page-cache folios, not on sdcache); the load average is printed
+per round. Usage:
 ``python benchmarks/bench_fuse.py [--repeat 3] [--quick] [--workdir DIR]``.
 """
 
@@ -109,6 +112,7 @@ def _bdi(mountpoint: str) -> str:
 class Sample:
     seconds: float
     cpu: float  # CPU seconds of the reader plus the daemon serving it
+    faults: int = -1  # minor page faults of a loader (mapping pages already in the page cache); -1: not counted
 
 
 @dataclass
@@ -143,7 +147,7 @@ def measure(daemons: Daemons, fn, *args) -> Sample:
     wall = time.perf_counter() - t
     daemon = daemons.cpu() - d0
     if isinstance(inner, tuple):
-        return Sample(inner[0], inner[1] + daemon)
+        return Sample(inner[0], inner[1] + daemon, inner[2])
     return Sample(wall, _children_cpu() - c0 + _own_cpu() - s0 + daemon)
 
 
@@ -164,15 +168,16 @@ def fsspec_read(meta: str, path: str) -> None:
 # Each loader runs in a fresh process (as a server would load a model), touches one element per 4 KiB
 # page of every tensor (so "loaded" means the same for lazy and eager loaders) and prints its seconds.
 TOUCH = """
-import sys, time, torch
+import resource, sys, time, torch
 def touch(tensors):
     for t in tensors:
         flat = t.reshape(-1)
         if flat.numel():
             flat[:: max(1, 4096 // t.element_size())].sum()
 t0, c0 = time.perf_counter(), time.process_time()
+f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 def done():
-    print(time.perf_counter() - t0, time.process_time() - c0)
+    print(time.perf_counter() - t0, time.process_time() - c0, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
 """
 LOADERS = {
     "safe_open": TOUCH + """
@@ -205,13 +210,13 @@ done()
 }
 
 
-def run_loader(kind: str, *args: str) -> tuple[float, float]:
-    """(seconds, CPU seconds) of one load in a fresh process, as the loader itself measured them."""
+def run_loader(kind: str, *args: str) -> tuple[float, float, int]:
+    """(seconds, CPU seconds, minor page faults) of one load in a fresh process, as the loader measured them."""
     proc = subprocess.run([sys.executable, "-c", LOADERS[kind], *args], capture_output=True, text=True, env=CHILD_ENV)
     if proc.returncode != 0:
         raise SystemExit(f"{kind} {args[0]} failed: {proc.stderr.strip()[-2000:]}")
-    secs, cpu = proc.stdout.strip().splitlines()[-1].split()
-    return float(secs), float(cpu)
+    secs, cpu, faults = proc.stdout.strip().splitlines()[-1].split()
+    return float(secs), float(cpu), int(faults)
 
 
 CEILING = """
@@ -476,7 +481,7 @@ def main() -> int:
 
 def report(order: list[Row], rows: dict[str, Row], ls_first: Sample, count: int, loads: list[str]) -> None:
     print()
-    head = (f"{'measure':<52} {'median':>10} {'best':>10} {'CPU s/GiB':>9}  "
+    head = (f"{'measure':<52} {'median':>10} {'best':>10} {'CPU s/GiB':>9} {'faults/GiB':>10}  "
             f"{'vs (median of per-round ratios)':<56} target")
     print(head)
     print("-" * len(head))
@@ -488,6 +493,8 @@ def report(order: list[Row], rows: dict[str, Row], ls_first: Sample, count: int,
         else:
             fmt = lambda s: f"{s:.2f} s"  # noqa: E731
         cpu = f"{statistics.median(s.cpu for s in r.samples) / (r.size / GiB):.2f}" if r.size else ""
+        counted = [s.faults for s in r.samples if s.faults >= 0]
+        faults = f"{statistics.median(counted) / (r.size / GiB):,.0f}" if counted and r.size else ""
         vs = []
         for name in r.references:
             ref = rows[name]
@@ -496,7 +503,8 @@ def report(order: list[Row], rows: dict[str, Row], ls_first: Sample, count: int,
                 vs.append(f"{1 / ratio:.2f}x the speed of {ref.name.split(',')[0]}")
             else:
                 vs.append(f"{ratio:.2f}x {'load_safetensors' if name.startswith('load_s') else 'local'}")
-        print(f"{r.name:<52} {fmt(med):>10} {fmt(best):>10} {cpu:>9}  {'; '.join(vs) or 'reference':<56} {r.target}")
+        print(f"{r.name:<52} {fmt(med):>10} {fmt(best):>10} {cpu:>9} {faults:>10}  "
+              f"{'; '.join(vs) or 'reference':<56} {r.target}")
     print(f"{'ls -l of ' + str(count) + ' files, first listing':<52} {ls_first.seconds:>8.2f} s")
     print(f"\n{os.cpu_count()} CPUs; load average (1/5/15 min) at each round's start and at the end: "
           + ", ".join(loads))

@@ -18,9 +18,10 @@ Finished chunks are evicted least recently used first; a read-ahead that does
 not fit is skipped; a demand fetch that does not fit waits until a fetch in
 flight finishes. A chunk is never recycled while a reader still waits on it.
 
-Everything here runs on the trio event loop (one thread), so no locks; the
-fetches themselves run in the fetcher's thread pool, which wakes the loop once
-per chunk fetched.
+Everything here runs on the trio event loop (one thread), so no locks. A
+chunk in a pool on this host is copied (and verified) right there, in the
+task that fills its slot; any other fetch runs in the fetcher's thread pool,
+which wakes the loop once per chunk fetched.
 """
 
 from __future__ import annotations
@@ -240,7 +241,20 @@ class ChunkCache:
 
         if slot.buf is None:
             slot.buf = mmap.mmap(-1, slot.size, flags=mmap.MAP_PRIVATE)  # pages come with the first write
-        fut = self.fetcher.submit_into(m, index, memoryview(slot.buf)[: slot.length])
+        view = memoryview(slot.buf)[: slot.length]
+        try:
+            local = self.fetcher.read_local(m, index, view)
+        except Exception:  # the thread pool's fetch below reports what is wrong
+            log.debug("local read of chunk %d of %s failed", index, m.path, exc_info=True)
+            local = False
+        if local:
+            # A pool on this host had it: one copy and a hash, done here. Handing it to a worker thread
+            # and back costs the loop more than the copy (thread wake-ups, the GIL passed to and fro).
+            self._in_flight -= 1
+            slot.done.set()
+            self._notify()
+            return
+        fut = self.fetcher.submit_into(m, index, view)
         fut.add_done_callback(report)
         try:
             with trio.fail_after(self.timeout):

@@ -201,6 +201,9 @@ class PageCachePusher:
             if f in self._active:
                 self._active.remove(f)
             f.pages.clear()
+            if f.started:
+                log.debug("%s: closed; %s pushed into the page cache, %s by read requests", f.manifest.path,
+                          format_size(f.pushed), format_size(sum(f.served)))
             if f.pushed:
                 self.held -= f.pushed
                 metrics.PUSH_HELD.set(self.held)

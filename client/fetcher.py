@@ -293,6 +293,38 @@ class Fetcher:
         """Fetch chunk *index* of *m* in the background straight into *out*."""
         return self._executor.submit(self.fetch_into, m, index, out)
 
+    def read_local(self, m: Manifest, index: int, out: memoryview) -> bool:
+        """Fill *out* with chunk *index* of *m* from a pool on this host, verified; False if none has it.
+
+        A memory copy and a hash, nothing else: no network, no retry, and no
+        wait for the node list (False while the client has none yet). A
+        caller with its own thread (the mount's event loop) reads here
+        instead of handing every chunk to a worker thread and back, and calls
+        :meth:`fetch_into` only when this says False.
+        """
+        if not self.short_circuit:
+            return False
+        nodes = self.meta.nodes_now()
+        if not nodes:
+            return False
+        ref = m.chunks[index]
+        if len(out) != ref.length:
+            raise ValueError("buffer length does not match the chunk")
+        t0 = time.perf_counter()
+        for node in self._order(ref.id, m):
+            if node.host_id != self.host or not node.pool_dir:
+                continue
+            try:
+                if not self._read_local(node, ref.id, out):
+                    continue
+            except OSError:
+                continue  # fetch_into tries it again and says why
+            self.tiers["local"] += 1
+            metrics.FETCH_SECONDS_BY_TIER["local"].observe(time.perf_counter() - t0)
+            metrics.FETCH_BYTES_BY_TIER["local"].inc(ref.length)
+            return True
+        return False
+
     def _read_local(self, node: NodeInfo, chunk_id: str, out: memoryview) -> bool:
         """Short-circuit read from a same-host pool; False when the chunk is not there or bad."""
         try:

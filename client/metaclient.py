@@ -320,6 +320,13 @@ class MetaClient:
                 self._nodes_flight = None
             flight.set()
 
+    def nodes_now(self) -> list[NodeInfo] | None:
+        """The live nodes as :meth:`nodes` gives them, or None while no list was fetched yet: never waits."""
+        with self._lock:
+            if self._nodes_at <= 0:
+                return None
+        return self.nodes()
+
     def nodes_raw(self, *, include_dead: bool = False) -> list[pb.Node]:
         return list(self._call("ListNodes", pb.NodesRequest(include_dead=include_dead)).nodes)
 

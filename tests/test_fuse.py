@@ -24,7 +24,7 @@ from sdcache.manifest import Manifest
 from sdcache.synth import write_sd_checkpoint
 
 from ._requirements import import_required
-from .conftest import run_cli
+from .conftest import corrupt_everywhere, run_cli
 
 
 # The `fuse` marker requires FUSE (tests/_requirements.py): each test skips where mounts
@@ -327,6 +327,23 @@ def test_node_killed_during_read_still_yields_correct_bytes(own_cluster, checkpo
                 assert hashlib.sha256(mm).hexdigest() == digest
     pushed = re.search(r"page cache: ([\d.]+) (\w+) pushed for (\d+) file loads", m.log_text())
     assert pushed and float(pushed[1]) > 0 and int(pushed[3]) == 2, m.log_text()  # both reads were pushed
+
+
+def test_chunks_corrupted_in_every_pool_on_this_host_are_never_served(own_cluster, checkpoint, tmp_path):
+    """The mount reads same-host pools directly (no node in between): a bad copy there is caught by its hash."""
+    src, digest = checkpoint
+    meta = own_cluster.meta_addr
+    run_cli("import", src, "/m/c.safetensors", "--warm", meta=meta, check=True)
+    m = MetaClient(meta).manifest("/m/c.safetensors")
+    assert sum(corrupt_everywhere(own_cluster, ref.id) for ref in m.chunks[::3]) >= len(m.chunks) // 3
+    for extra in (["--push-memory", "0"], []):  # read requests only; then pushes into the page cache as well
+        with mounted(meta, tmp_path / "mnt", *extra) as mt:
+            path = mt.path / "m" / "c.safetensors"
+            with open(path, "rb", buffering=0) as f:
+                assert hashlib.sha256(f.read()).hexdigest() == digest
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+                with mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mm:
+                    assert hashlib.sha256(mm).hexdigest() == digest
 
 
 def test_unreachable_cluster_answers_eio_within_the_timeout(own_cluster, tmp_path):
