@@ -54,13 +54,9 @@ reserve it after that) is never the file removed.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
-import re
 import shutil
-import stat
-import tempfile
 import threading
 import time
 import weakref
@@ -73,104 +69,30 @@ from types import TracebackType
 import xxhash
 
 from sdcache import pool_layout
-from sdcache.errors import AlreadyExists, CapacityExceeded
+from sdcache.errors import CapacityExceeded
 from sdcache.hashing import is_chunk_id
+
+from .pool_dir import (
+    EVICTED_DIR,
+    FILE_MODE,
+    LOCK_FILE,
+    default_pool_dir,
+    inode_of,
+    lock_dir,
+    make_dir,
+    mapped_by_reader,
+    try_remove,
+)
+
+__all__ = ["EVICTED_DIR", "LOCK_FILE", "ChunkPool", "PoolStats", "default_pool_dir"]
 
 log = logging.getLogger(__name__)
 
-LOCK_FILE = ".lock"  # flock'ed by the one pool that owns the directory
-EVICTED_DIR = ".evicted"  # evicted chunk files a same-host reader still has mapped
-DIR_MODE = 0o750  # pool directory and its subdirectories: the node's user and group
-FILE_MODE = 0o640  # chunk files: readable by the node's group (short-circuit reads)
-
 _ANON = "#"  # prefix of the pseudo-file of a chunk seen without a path
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
-
-
-def default_pool_dir(node_id: str) -> str:
-    """The pool directory of node *node_id* when none is given: ``/dev/shm/sdcache/<id>``.
-
-    Stable per node id, so a restarted node finds its chunks again (a warm
-    restart). Characters outside ``[A-Za-z0-9._-]`` become ``_``; an id that
-    needed that, is over 100 characters or is only dots also gets a hash of
-    the id appended, so distinct ids keep distinct directories and none
-    escapes ``sdcache/``. Where ``/dev/shm`` is missing (not Linux), the base
-    is :func:`tempfile.gettempdir` instead.
-    """
-    name = _UNSAFE.sub("_", node_id)
-    if name != node_id or len(name) > 100 or not name.strip("."):
-        name = f"{name[:64].strip('.') or 'node'}-{xxhash.xxh3_64_hexdigest(node_id.encode())}"
-    base = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
-    return os.path.join(base, "sdcache", name)
 
 
 def _anon(chunk_id: str) -> str:
     return _ANON + chunk_id
-
-
-def _make_dir(path: str) -> None:
-    """Create *path* (and parents) and give it :data:`DIR_MODE` whatever the umask."""
-    os.makedirs(path, DIR_MODE, exist_ok=True)
-    st = os.stat(path)
-    want = DIR_MODE | (st.st_mode & stat.S_ISGID)  # keep an inherited group for readers
-    if stat.S_IMODE(st.st_mode) != want:
-        os.chmod(path, want)
-
-
-def _lock_dir(pool_dir: str) -> int:
-    """Take the exclusive lock on *pool_dir*; returns the descriptor that holds it."""
-    path = os.path.join(pool_dir, LOCK_FILE)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, FILE_MODE)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise AlreadyExists(
-            f"pool directory {pool_dir} is in use: another node holds it; "
-            "give this node its own --pool-dir or stop the other one"
-        ) from None
-    except BaseException:
-        os.close(fd)
-        raise
-    os.fchmod(fd, FILE_MODE)
-    return fd
-
-
-def _mapped_by_reader(path: str) -> bool:
-    """Whether a same-host reader holds its shared lock on chunk file *path*."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # also drops our lock, if we got it
-    return False
-
-
-def _try_remove(path: str) -> int:
-    """Unlink evicted file *path* unless a reader has it mapped; returns the bytes still held."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        return 0
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return os.fstat(fd).st_size
-        # Holding LOCK_EX: a reader that opened the file before it was renamed
-        # gets its LOCK_SH only after this, then finds the pool path changed.
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        return 0
-    finally:
-        os.close(fd)
 
 
 @dataclass(slots=True)
@@ -261,8 +183,8 @@ class ChunkPool:
         self.corrupt_dropped = 0
         self.corrupt_reads = 0
         self.rejected = 0
-        _make_dir(self.pool_dir)
-        fd = _lock_dir(self.pool_dir)
+        make_dir(self.pool_dir)
+        fd = lock_dir(self.pool_dir)
         self._release = weakref.finalize(self, os.close, fd)  # closing the fd drops the flock
 
     def close(self) -> None:
@@ -296,7 +218,7 @@ class ChunkPool:
         chunks adopted.
         """
         shutil.rmtree(self._tmp_dir, ignore_errors=True)
-        _make_dir(self._tmp_dir)
+        make_dir(self._tmp_dir)
         self._adopt_evicted()
         found: list[tuple[str, str]] = []
         with os.scandir(self.pool_dir) as top:
@@ -369,7 +291,7 @@ class ChunkPool:
 
     def _adopt_evicted(self) -> None:
         """Remove the unmapped leftovers of ``.evicted``; count the mapped ones as held."""
-        _make_dir(self._evicted_dir)
+        make_dir(self._evicted_dir)
         with os.scandir(self._evicted_dir) as it:
             entries = list(it)
         with self._lock:
@@ -384,7 +306,7 @@ class ChunkPool:
                         else:
                             os.unlink(e.path)
                         continue
-                    held = _try_remove(e.path)
+                    held = try_remove(e.path)
                 except OSError as err:
                     log.warning("cannot clear evicted file %s: %s", e.path, err)
                     continue
@@ -514,7 +436,7 @@ class ChunkPool:
                 self.misses += 1
                 # Drop only the file we judged: if the chunk was evicted and
                 # filled again since, the new file is good and stays.
-                drop = chunk_id in self._chunks and _inode(file) == ino
+                drop = chunk_id in self._chunks and inode_of(file) == ino
                 if drop:
                     self._forget(chunk_id)
                     self.corrupt_dropped += 1
@@ -591,7 +513,7 @@ class ChunkPool:
             try:
                 fd = os.open(tmp, flags, FILE_MODE)
             except FileNotFoundError:  # someone removed .tmp under us, or load() never ran
-                _make_dir(self._tmp_dir)
+                make_dir(self._tmp_dir)
                 fd = os.open(tmp, flags, FILE_MODE)
             with open(fd, "wb", buffering=0) as f:
                 os.fchmod(fd, FILE_MODE)  # the umask may have taken the group's read bit
@@ -602,7 +524,7 @@ class ChunkPool:
             try:
                 os.rename(tmp, final)
             except FileNotFoundError:
-                _make_dir(os.path.dirname(final))
+                make_dir(os.path.dirname(final))
                 os.rename(tmp, final)
         except BaseException:
             with self._lock:
@@ -749,7 +671,7 @@ class ChunkPool:
                 c = self._chunks[cid]
                 if cid in pinned or not c.files <= victim_files:
                     continue
-                if _mapped_by_reader(self.chunk_path(cid)):
+                if mapped_by_reader(self.chunk_path(cid)):
                     continue  # evicting it would free no memory
                 victims.append(cid)
                 freed += c.size
@@ -779,12 +701,12 @@ class ChunkPool:
         except FileNotFoundError:
             if not os.path.lexists(src):
                 return
-            _make_dir(self._evicted_dir)
+            make_dir(self._evicted_dir)
             try:
                 os.rename(src, dst)
             except FileNotFoundError:
                 return
-        held = _try_remove(dst)
+        held = try_remove(dst)
         if held:
             self._hold(name, held)
             log.info("evicted chunk %s is mapped by a same-host reader: its %d bytes stay counted "
@@ -800,7 +722,7 @@ class ChunkPool:
         """Free the evicted files whose readers have unmapped them."""
         for name, size in list(self._held.items()):
             try:
-                still = _try_remove(os.path.join(self._evicted_dir, name))
+                still = try_remove(os.path.join(self._evicted_dir, name))
             except OSError as e:
                 log.warning("cannot free evicted file %s: %s", name, e)
                 continue
@@ -808,10 +730,3 @@ class ChunkPool:
                 del self._held[name]
                 self._held_bytes -= size
                 self._used -= size
-
-
-def _inode(path: str) -> int | None:
-    try:
-        return os.stat(path).st_ino
-    except FileNotFoundError:
-        return None

@@ -45,7 +45,6 @@ database with a version newer than this code raises
 from __future__ import annotations
 
 import heapq
-import json
 import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -71,8 +70,22 @@ from ..errors import (
     SdcacheError,
     Unavailable,
 )
-from ..manifest import CHUNK_ENTRY, Entry, Manifest, unpack_chunks
+from ..manifest import CHUNK_ENTRY, Entry, Manifest
 from ._namespace import ID_SLICE, chunk_counts, pack_valid, subtree
+from ._pgschema import (
+    ENTRY_COLS,
+    LISTED_COLS,
+    MANIFEST_COLS,
+    MIGRATION_LOCK,
+    MIGRATIONS,
+    NAMESPACE_LOCK,
+    NODE_COLS,
+    SCHEMA_VERSION,
+    TOKEN_COLS,
+    UNPIN_BUMP,
+    file_entry,
+    manifest_of,
+)
 from ._pgtarget import CONNECT_TIMEOUT, Target, connect_error, one_line
 from .base import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, MetaStore, NodeRecord, StoreStats, TokenRecord
 
@@ -80,7 +93,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 3
 #: Seconds a call waits for a pooled connection. The servicer never has more
 #: calls in flight than the pool has connections, so a wait means the server is
 #: unreachable: answer Unavailable well before a client's own deadline.
@@ -88,104 +100,6 @@ POOL_WAIT = 3.0
 POOL_OPEN = 10.0  # seconds for the pool's first connections (the server just answered one)
 POOL_SIZE = (2, 12)  # min, max connections per process: 4 reader + 8 writer threads in the servicer
 LIVENESS_POOL_SIZE = (1, 4)
-MIGRATION_LOCK = 0x5344_4341_4348_45  # pg_advisory_xact_lock key: "SDCACHE"
-
-#: Migrations: version -> (description, statements). Version 1 and 2 are the
-#: same tables as SQLite's versions 1 and 2.
-_MIGRATIONS: dict[int, tuple[str, str]] = {
-    1: ("namespace, chunks, pins, nodes", """
-CREATE TABLE counters (name TEXT PRIMARY KEY, value BIGINT NOT NULL);
-INSERT INTO counters VALUES ('generation', 0), ('pins_generation', 0);
-CREATE TABLE files (
-    path TEXT COLLATE "C" PRIMARY KEY,
-    parent TEXT COLLATE "C" NOT NULL,
-    name TEXT COLLATE "C" NOT NULL,
-    size BIGINT NOT NULL,
-    mtime DOUBLE PRECISION NOT NULL,
-    source TEXT NOT NULL,
-    version_tag TEXT NOT NULL,
-    sha256 TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    base TEXT NOT NULL,
-    metadata TEXT NOT NULL,
-    generation BIGINT NOT NULL,
-    chunk_count INTEGER NOT NULL,
-    chunks BYTEA NOT NULL
-);
--- covers the listing columns, so a page is one index range scan
-CREATE INDEX files_by_parent ON files (parent, name) INCLUDE (path, size, mtime, kind, sha256, generation, chunk_count);
-CREATE TABLE dirs (
-    path TEXT COLLATE "C" PRIMARY KEY,
-    parent TEXT COLLATE "C",
-    name TEXT COLLATE "C" NOT NULL,
-    files BIGINT NOT NULL,
-    bytes BIGINT NOT NULL
-);
-CREATE INDEX dirs_by_parent ON dirs (parent, name) INCLUDE (path, bytes);
-INSERT INTO dirs VALUES ('/', NULL, '', 0, 0);
-CREATE TABLE chunks (id BYTEA PRIMARY KEY, length INTEGER NOT NULL, refs BIGINT NOT NULL);
-CREATE TABLE pins (path TEXT COLLATE "C" PRIMARY KEY);
-CREATE TABLE nodes (
-    node_id TEXT PRIMARY KEY,
-    address TEXT NOT NULL,
-    capacity BIGINT NOT NULL,
-    role TEXT NOT NULL,
-    host_id TEXT NOT NULL,
-    pool_dir TEXT NOT NULL,
-    used BIGINT NOT NULL,
-    chunks BIGINT NOT NULL,
-    last_seen DOUBLE PRECISION NOT NULL
-);
-"""),
-    2: ("tokens", """
-INSERT INTO counters VALUES ('auth_generation', 0);
-CREATE TABLE tokens (
-    name TEXT PRIMARY KEY,
-    role TEXT NOT NULL,
-    created DOUBLE PRECISION NOT NULL,
-    expires DOUBLE PRECISION NOT NULL,
-    revoked DOUBLE PRECISION NOT NULL
-);
-"""),
-    3: ("node zones, replica overrides", """
-ALTER TABLE nodes ADD COLUMN zone TEXT NOT NULL DEFAULT '';
-CREATE TABLE replicas (path TEXT COLLATE "C" PRIMARY KEY, replicas INTEGER NOT NULL);
-"""),
-}
-
-_ENTRY_COLS = "path, size, mtime, kind, sha256, generation, chunk_count"
-_LISTED_COLS = "size, mtime, kind, sha256, generation, chunk_count"  # an Entry's after path and is_dir
-_MANIFEST_COLS = "path, size, mtime, source, version_tag, sha256, kind, base, metadata, generation, chunks"
-_NODE_COLS = "node_id, address, capacity, role, host_id, pool_dir, used, chunks, last_seen, zone"
-_TOKEN_COLS = "name, role, created, expires, revoked"
-_NAMESPACE_LOCK = "SELECT value FROM counters WHERE name = 'generation' FOR UPDATE"
-#: Drop the pins of deleted files; the pins generation moves if there were any.
-_UNPIN_BUMP = ("WITH gone AS (DELETE FROM pins WHERE {where} RETURNING 1)"
-               " UPDATE counters SET value = value + 1 WHERE name = 'pins_generation' AND EXISTS (SELECT 1 FROM gone)")
-
-
-def _file_entry(row: Iterable[Any]) -> Entry:
-    path, size, mtime, kind, sha256, generation, chunk_count = row
-    return Entry(path, False, size, mtime, kind, sha256, generation, chunk_count)
-
-
-def _manifest(row: Iterable[Any]) -> Manifest:
-    path, size, mtime, source, tag, sha256, kind, base, metadata, generation, blob = row
-    return Manifest(
-        path=path,
-        size=size,
-        mtime=mtime,
-        source=source,
-        version_tag=tag,
-        sha256=sha256,
-        chunks=unpack_chunks(bytes(blob)),
-        kind=kind,
-        base=base,
-        metadata=json.loads(metadata),
-        generation=generation,
-    )
-
-
 class _Job:
     """One caller's piece of a group-committed write transaction."""
 
@@ -280,7 +194,7 @@ class PostgresStore(MetaStore):
                 raise SchemaTooNew(f"{self._where}: metadata schema version {version} was written by a newer "
                                    f"sdcache; this one reads up to version {SCHEMA_VERSION} and changed nothing")
             for v in range(version + 1, SCHEMA_VERSION + 1):
-                description, script = _MIGRATIONS[v]
+                description, script = MIGRATIONS[v]
                 conn.execute(script)
                 conn.execute("INSERT INTO schema_migrations (version, description) VALUES (%s, %s)",
                              (v, description))
@@ -425,7 +339,7 @@ class PostgresStore(MetaStore):
         with conn.pipeline() as pipe:
             try:
                 conn.execute("BEGIN")
-                conn.execute(_NAMESPACE_LOCK)
+                conn.execute(NAMESPACE_LOCK)
                 for job in jobs:
                     if several:
                         conn.execute("SAVEPOINT job")
@@ -509,7 +423,7 @@ class PostgresStore(MetaStore):
 
         def fn(conn: psycopg.Connection) -> tuple | None:
             return conn.execute(
-                f"SELECT false, {_ENTRY_COLS} FROM files WHERE path = %(p)s"
+                f"SELECT false, {ENTRY_COLS} FROM files WHERE path = %(p)s"
                 " UNION ALL SELECT true, path, bytes, NULL, NULL, NULL, NULL, NULL FROM dirs WHERE path = %(p)s",
                 {"p": path},
                 binary=True,
@@ -520,14 +434,14 @@ class PostgresStore(MetaStore):
             raise NotFound(f"{path}: no such file or directory")
         if row[0]:
             return Entry(path, True, size=row[2])
-        return _file_entry(row[1:])
+        return file_entry(row[1:])
 
     def get_manifest(self, path: str) -> Manifest:
         path = paths.normalize(path)
 
         def fn(conn: psycopg.Connection) -> tuple | None:
             return conn.execute(
-                f"SELECT false, {_MANIFEST_COLS} FROM files WHERE path = %(p)s"
+                f"SELECT false, {MANIFEST_COLS} FROM files WHERE path = %(p)s"
                 " UNION ALL SELECT true, path, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL"
                 " FROM dirs WHERE path = %(p)s",
                 {"p": path},
@@ -539,7 +453,7 @@ class PostgresStore(MetaStore):
             raise NotFound(f"{path}: no such file")
         if row[0]:
             raise IsADirectory(f"{path} is a directory")
-        return _manifest(row[1:])
+        return manifest_of(row[1:])
 
     def list_dir(self, path: str, page_token: str = "", page_size: int = 0) -> tuple[list[Entry], str]:
         path = paths.normalize(path)
@@ -550,11 +464,11 @@ class PostgresStore(MetaStore):
             # page of subdirectories and one of files, each by name. Children come without
             # their path (parent + name), in binary: a 10,000-entry page is half the bytes.
             return conn.execute(
-                f"(SELECT 0 AS k, name, {_LISTED_COLS} FROM files WHERE path = %(p)s)"
+                f"(SELECT 0 AS k, name, {LISTED_COLS} FROM files WHERE path = %(p)s)"
                 " UNION ALL (SELECT 1, name, bytes, NULL, NULL, NULL, NULL, NULL FROM dirs WHERE path = %(p)s)"
                 " UNION ALL (SELECT 2, name, bytes, NULL, NULL, NULL, NULL, NULL FROM dirs"
                 "  WHERE parent = %(p)s AND name > %(t)s ORDER BY name LIMIT %(n)s)"
-                f" UNION ALL (SELECT 3, name, {_LISTED_COLS} FROM files"
+                f" UNION ALL (SELECT 3, name, {LISTED_COLS} FROM files"
                 "  WHERE parent = %(p)s AND name > %(t)s ORDER BY name LIMIT %(n)s)",
                 {"p": path, "t": page_token, "n": limit + 1},
                 binary=True,
@@ -626,7 +540,7 @@ class PostgresStore(MetaStore):
                 conn.execute("UPDATE counters SET value = value + 1 WHERE name = 'pins_generation'")
             row = conn.execute(
                 "WITH g AS (UPDATE counters SET value = value + 1 WHERE name = 'generation' RETURNING value)"
-                f" INSERT INTO files (parent, name, chunk_count, {_MANIFEST_COLS})"
+                f" INSERT INTO files (parent, name, chunk_count, {MANIFEST_COLS})"
                 " SELECT %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, g.value, %s FROM g"
                 " ON CONFLICT (path) DO UPDATE SET size = excluded.size, mtime = excluded.mtime,"
                 " source = excluded.source, version_tag = excluded.version_tag, sha256 = excluded.sha256,"
@@ -665,7 +579,7 @@ class PostgresStore(MetaStore):
             if row:
                 self._adjust_dirs(conn, paths.ancestors(path), -1, -row[0])
                 self._ref_chunks(conn, [], [bytes(row[1])])
-                conn.execute(_UNPIN_BUMP.format(where="path = %s"), (path,))
+                conn.execute(UNPIN_BUMP.format(where="path = %s"), (path,))
                 return 1
             row = conn.execute("SELECT files, bytes FROM dirs WHERE path = %s", (path,)).fetchone()
             if row is None:
@@ -681,7 +595,7 @@ class PostgresStore(MetaStore):
             self._ref_chunks(conn, [], blobs)
             conn.execute("DELETE FROM dirs WHERE path > %s AND path < %s", (lo, hi))
             self._adjust_dirs(conn, [*paths.ancestors(path), path] if path != "/" else ["/"], -nfiles, -nbytes)
-            conn.execute(_UNPIN_BUMP.format(where="path > %s AND path < %s"), (lo, hi))
+            conn.execute(UNPIN_BUMP.format(where="path > %s AND path < %s"), (lo, hi))
             return nfiles
 
         return self._write(work)
@@ -693,9 +607,9 @@ class PostgresStore(MetaStore):
 
         def fn(conn: psycopg.Connection) -> list[tuple]:
             return conn.execute(
-                f"SELECT 0, {_MANIFEST_COLS} FROM files WHERE path = %(p)s"
+                f"SELECT 0, {MANIFEST_COLS} FROM files WHERE path = %(p)s"
                 f" UNION ALL SELECT 1, path, {nulls} FROM dirs WHERE path = %(p)s"
-                f" UNION ALL SELECT 2, {_MANIFEST_COLS} FROM files WHERE %(r)s AND path > %(lo)s AND path < %(hi)s",
+                f" UNION ALL SELECT 2, {MANIFEST_COLS} FROM files WHERE %(r)s AND path > %(lo)s AND path < %(hi)s",
                 {"p": path, "r": recursive, "lo": lo, "hi": hi},
                 binary=True,
             ).fetchall()
@@ -703,12 +617,12 @@ class PostgresStore(MetaStore):
         rows = self._read(fn)
         for row in rows:
             if row[0] == 0:
-                return [_manifest(row[1:])]
+                return [manifest_of(row[1:])]
         if not any(row[0] == 1 for row in rows):
             raise NotFound(f"{path}: no such file or directory")
         if not recursive:
             raise IsADirectory(f"{path} is a directory (use recursive)")
-        return sorted((_manifest(row[1:]) for row in rows if row[0] == 2), key=lambda m: m.path)
+        return sorted((manifest_of(row[1:]) for row in rows if row[0] == 2), key=lambda m: m.path)
 
     # -- pins ----------------------------------------------------------------
 
@@ -768,7 +682,7 @@ class PostgresStore(MetaStore):
         def work(conn: psycopg.Connection) -> None:
             conn.execute("DELETE FROM nodes WHERE address = %s AND node_id <> %s", (node.address, node.node_id))
             conn.execute(
-                f"INSERT INTO nodes ({_NODE_COLS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                f"INSERT INTO nodes ({NODE_COLS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
                 " ON CONFLICT (node_id) DO UPDATE SET address = excluded.address, capacity = excluded.capacity,"
                 " role = excluded.role, host_id = excluded.host_id, pool_dir = excluded.pool_dir,"
                 " used = excluded.used, chunks = excluded.chunks, last_seen = excluded.last_seen,"
@@ -791,7 +705,7 @@ class PostgresStore(MetaStore):
 
     def list_nodes(self) -> list[NodeRecord]:
         def fn(conn: psycopg.Connection) -> list[tuple]:
-            return conn.execute(f"SELECT {_NODE_COLS} FROM nodes ORDER BY node_id").fetchall()
+            return conn.execute(f"SELECT {NODE_COLS} FROM nodes ORDER BY node_id").fetchall()
 
         return [NodeRecord(*r) for r in self._read(fn)]
 
@@ -829,14 +743,14 @@ class PostgresStore(MetaStore):
 
     def list_tokens(self) -> list[TokenRecord]:
         def fn(conn: psycopg.Connection) -> list[tuple]:
-            return conn.execute(f"SELECT {_TOKEN_COLS} FROM tokens ORDER BY name").fetchall()
+            return conn.execute(f"SELECT {TOKEN_COLS} FROM tokens ORDER BY name").fetchall()
 
         return [TokenRecord(*r) for r in self._read(fn)]
 
     def revoke_token(self, name: str, now: float) -> TokenRecord:
 
         def work(conn: psycopg.Connection) -> TokenRecord:
-            row = conn.execute(f"SELECT {_TOKEN_COLS} FROM tokens WHERE name = %s", (name,)).fetchone()
+            row = conn.execute(f"SELECT {TOKEN_COLS} FROM tokens WHERE name = %s", (name,)).fetchone()
             if row is None:
                 rec = TokenRecord(name, "", 0.0, 0.0, now)
                 conn.execute("INSERT INTO tokens VALUES (%s, '', 0, 0, %s)", (name, now))
