@@ -100,7 +100,7 @@ class ChunkCache:
         Read-ahead (*ahead*) evicts only chunks a reader already used, never
         another reader's read-ahead. Returns (False, None) when nothing can
         go, else (True, a recycled buffer) or (True, None): a fresh buffer is
-        to be made, off the event loop, by the fetch.
+        to be made by the fetch (its pages come with the fetch's first write).
         """
         size = buffer_size(length)
         free = self._free.get(size)
