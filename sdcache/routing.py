@@ -459,6 +459,13 @@ class RunnerView:
             self.applied.pop(k, None)
         self.applied[demand.base.key] = want
 
+    def finish_first(self) -> None:
+        """The request running (or, if none, the first queued) has finished: the next one starts."""
+        if self.running_s > 0 or not self.queue_s:
+            self.running_s = self.queue_s.pop(0) if self.queue_s else 0.0
+        else:
+            self.queue_s.pop(0)
+
     def advance(self, seconds: float) -> None:
         """Let *seconds* of work pass (between heartbeats): the running and queued requests progress."""
         left = seconds

@@ -92,16 +92,18 @@ class Gateway:
                     metrics.BASE_SWITCHES.inc()
                 ticket = self.directory.sent(view, demand, choice)
             tried.append(view.runner_id)
+            ran = False
             try:
                 resp = await self._send(view, kind, forward)
+                ran = resp.status not in (429, 502, 503)
             except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
                 log.warning("runner %s failed (%s: %s); trying another", view.runner_id, type(exc).__name__, exc)
-                view.healthy = False  # until its next report says otherwise
+                self.directory.unhealthy(view.runner_id)  # until its next report says otherwise
                 last_error = exc
                 continue
             finally:
-                self.directory.answered(view.runner_id, ticket)
-            if resp.status in (429, 502, 503):  # full or going away: another runner may take it
+                self.directory.answered(view.runner_id, ticket, ran=ran)
+            if not ran:  # full or going away: another runner may take it
                 last_error = errors.Overloaded(f"runner {view.runner_id} answered {resp.status}")
                 continue
             metrics.ROUTED.labels(self.policy.name, "ok" if len(tried) == 1 else "retried").inc()

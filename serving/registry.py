@@ -106,23 +106,44 @@ class RunnerDirectory:
         self.views: dict[str, routing.RunnerView] = {}
         self.last_contact: float | None = None
         self.changed = asyncio.Event()
-        # Requests sent, per runner: ticket -> [wall time sent, demand, wall time answered or None]. A
-        # report taken before the runner saw one would forget it, so refresh() applies it again, until a
-        # report taken after its answer shows what it left behind.
+        # Requests sent, per runner: ticket -> [wall time sent, demand, wall time answered or None, ran].
+        # A report taken before the runner saw one would forget it, so each view is rebuilt from the
+        # runner's last report plus these, until a report taken after its answer shows what it left
+        # behind. *ran*: the answer came from the runner having run it (not a refusal or a failure).
         self._pending: dict[str, dict[int, list[Any]]] = {}
+        self._reports: dict[str, tuple[dict[str, Any], float, str]] = {}  # runner -> (state, taken at, address)
+        self._failed: dict[str, float] = {}  # runner -> wall time a request to it failed
         self._next = 0
 
     def sent(self, view: routing.RunnerView, demand: routing.Demand, est: routing.Estimate) -> int:
         """Count a request into *view* now; returns a ticket for :meth:`answered`."""
         view.assign(demand, est)
         self._next += 1
-        self._pending.setdefault(view.runner_id, {})[self._next] = [time.time(), demand, None]
+        self._pending.setdefault(view.runner_id, {})[self._next] = [time.time(), demand, None, False]
         return self._next
 
-    def answered(self, runner_id: str, ticket: int) -> None:
+    def unhealthy(self, runner_id: str) -> None:
+        """A request to *runner_id* failed: it is no candidate until a report taken after this says otherwise."""
+        self._failed[runner_id] = time.time()
+        view = self.views.get(runner_id)
+        if view is not None:
+            view.healthy = False
+
+    def answered(self, runner_id: str, ticket: int, *, ran: bool) -> None:
+        """The request of *ticket* came back: *ran* if the runner ran it (False: refused, or it failed).
+
+        The runner's view is rebuilt at once: a request answered is no longer
+        work on that runner, and the next request must not wait for the next
+        report to see the runner free.
+        """
         entry = self._pending.get(runner_id, {}).get(ticket)
-        if entry is not None:
-            entry[2] = time.time()
+        if entry is None:
+            return
+        entry[2], entry[3] = time.time(), ran
+        view = self._view(runner_id)
+        if view is not None:
+            self.views[runner_id] = view
+            routing.share_costs(list(self.views.values()))
 
     async def run(self) -> None:
         channels = [grpcauth.aio_channel(m, self._credentials) for m in self.metas]
@@ -144,33 +165,53 @@ class RunnerDirectory:
                 continue
             await follower.sync(stub, None if follower.generation is None or self._auth_due() else follower.generation)
             self.last_contact = time.monotonic()
-            views: dict[str, routing.RunnerView] = {}
+            reports: dict[str, tuple[dict[str, Any], float, str]] = {}
             for r in resp.runners:
                 try:
                     state = json.loads(r.state or b"{}")
                     at = float(state.pop("at", 0.0))
                     state.setdefault("runner_id", r.runner_id)
-                    view = routing.RunnerView.from_dict(state)
+                    routing.RunnerView.from_dict(state)  # parses, or the runner is skipped
                 except (ValueError, TypeError, AttributeError, errors.SdcacheError) as exc:
                     log.warning("runner %s sent a state that does not parse (%s); skipped", r.runner_id, exc)
                     continue
-                view.runner_id, view.address = r.runner_id, r.address
-                view.advance(max(0.0, time.time() - at))  # work done since the report was taken
-                pending = self._pending.get(r.runner_id, {})
-                for ticket, (t_sent, demand, t_answered) in list(pending.items()):
-                    if t_answered is not None and t_answered < at:
-                        del pending[ticket]  # the report is newer than the answer: it shows the result
-                    elif t_sent >= at and t_answered is not None:
-                        view.hold(demand)  # done since: what it loaded is there, its work is not queued
-                    elif t_sent >= at:  # sent after this report was taken: not in it yet
-                        view.assign(demand)
-                views[r.runner_id] = view
+                reports[r.runner_id] = (state, at, r.address)
+            self._reports = reports
+            views = {rid: view for rid in reports if (view := self._view(rid)) is not None}
             routing.share_costs(list(views.values()))
             self.views = views
             for gone in set(self._pending) - set(views):
                 del self._pending[gone]
             self.changed.set()
             return
+
+    def _view(self, runner_id: str) -> routing.RunnerView | None:
+        """Runner *runner_id* as of now: its last report, the time since, and the requests sent it since."""
+        report = self._reports.get(runner_id)
+        if report is None:
+            return None
+        state, at, address = report
+        view = routing.RunnerView.from_dict(state)
+        view.runner_id, view.address = runner_id, address
+        if self._failed.get(runner_id, 0.0) >= at:
+            view.healthy = False
+        else:
+            self._failed.pop(runner_id, None)
+        pending = self._pending.get(runner_id, {})
+        since = at  # work has gone on since the report, or since the last answer it did not show yet
+        for ticket, (t_sent, demand, t_answered, ran) in sorted(pending.items()):
+            if t_answered is not None and (t_answered < at or not ran):
+                del pending[ticket]  # the report shows the result, or the runner never ran it
+            elif t_sent < at and t_answered is not None:
+                view.finish_first()  # in the report as queued or running, answered since: done
+                since = max(since, t_answered)
+        view.advance(max(0.0, time.time() - since))
+        for t_sent, demand, t_answered, _ in pending.values():
+            if t_sent >= at and t_answered is not None:
+                view.hold(demand)  # done since: what it loaded is there, its work is not queued
+            elif t_sent >= at:  # sent after this report was taken: not in it yet
+                view.assign(demand)
+        return view
 
     _auth_at = 0.0
 
