@@ -1,19 +1,23 @@
 """What every metadata store computes the same way, whatever the database under it.
 
 What a commit may hold (:func:`pack_valid`), the key range of a directory's
-subtree (:func:`subtree`), and how a chunk table turns into chunk reference
-counts (:func:`chunk_counts`). Pure: no database here.
+subtree (:func:`subtree`), how a chunk table turns into chunk reference
+counts (:func:`chunk_counts`), and the objects a file row becomes
+(:func:`file_entry`, :func:`manifest_of`: both stores select the same
+columns in the same order). Pure: no database here.
 """
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Iterable
+from typing import Any
 
 from ..chunking import CHUNK_SIZE
 from ..errors import InvalidArgument
 from ..hashing import is_chunk_id
-from ..manifest import CHUNK_ENTRY, Manifest, pack_chunks
+from ..manifest import CHUNK_ENTRY, Entry, Manifest, pack_chunks, unpack_chunks
 
 #: The 16-byte digest inside one packed chunk-table entry.
 ID_SLICE = slice(12, 28)
@@ -68,3 +72,28 @@ def pack_valid(manifest: Manifest) -> bytes:
         if "\x00" in getattr(manifest, name):
             raise InvalidArgument(f"{where}: {name} contains a NUL character")
     return pack_chunks(manifest.chunks)
+
+
+def file_entry(row: Iterable[Any]) -> Entry:
+    """A file's listing entry from its (path, size, mtime, kind, sha256, generation, chunk_count) columns."""
+    path, size, mtime, kind, sha256, generation, chunk_count = row
+    return Entry(path, False, size, mtime, kind, sha256, generation, chunk_count)
+
+
+def manifest_of(row: Iterable[Any]) -> Manifest:
+    """A file's manifest from its (path, size, mtime, source, version_tag, sha256, kind, base, metadata,
+    generation, chunks) columns."""
+    path, size, mtime, source, tag, sha256, kind, base, metadata, generation, blob = row
+    return Manifest(
+        path=path,
+        size=size,
+        mtime=mtime,
+        source=source,
+        version_tag=tag,
+        sha256=sha256,
+        chunks=unpack_chunks(bytes(blob)),
+        kind=kind,
+        base=base,
+        metadata=json.loads(metadata),
+        generation=generation,
+    )

@@ -1,18 +1,13 @@
-"""The PostgreSQL store's schema, its migrations and the mapping of rows to sdcache objects.
+"""The PostgreSQL store's schema, its migrations and the column lists its statements select.
 
 :mod:`sdcache.store.postgres` applies :data:`MIGRATIONS` in order up to
 :data:`SCHEMA_VERSION` (see its docstring for how), and builds its
-statements from the column lists here, so a row and the object it becomes
-are described in one place.
+statements from the column lists here (in the order
+:func:`~sdcache.store._namespace.file_entry` and
+:func:`~sdcache.store._namespace.manifest_of` read them).
 """
 
 from __future__ import annotations
-
-import json
-from collections.abc import Iterable
-from typing import Any
-
-from ..manifest import Entry, Manifest, unpack_chunks
 
 SCHEMA_VERSION = 3
 MIGRATION_LOCK = 0x5344_4341_4348_45  # pg_advisory_xact_lock key: "SDCACHE"
@@ -89,25 +84,3 @@ NAMESPACE_LOCK = "SELECT value FROM counters WHERE name = 'generation' FOR UPDAT
 #: Drop the pins of deleted files; the pins generation moves if there were any.
 UNPIN_BUMP = ("WITH gone AS (DELETE FROM pins WHERE {where} RETURNING 1)"
               " UPDATE counters SET value = value + 1 WHERE name = 'pins_generation' AND EXISTS (SELECT 1 FROM gone)")
-
-
-def file_entry(row: Iterable[Any]) -> Entry:
-    path, size, mtime, kind, sha256, generation, chunk_count = row
-    return Entry(path, False, size, mtime, kind, sha256, generation, chunk_count)
-
-
-def manifest_of(row: Iterable[Any]) -> Manifest:
-    path, size, mtime, source, tag, sha256, kind, base, metadata, generation, blob = row
-    return Manifest(
-        path=path,
-        size=size,
-        mtime=mtime,
-        source=source,
-        version_tag=tag,
-        sha256=sha256,
-        chunks=unpack_chunks(bytes(blob)),
-        kind=kind,
-        base=base,
-        metadata=json.loads(metadata),
-        generation=generation,
-    )

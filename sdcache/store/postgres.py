@@ -71,7 +71,7 @@ from ..errors import (
     Unavailable,
 )
 from ..manifest import CHUNK_ENTRY, Entry, Manifest
-from ._namespace import ID_SLICE, chunk_counts, pack_valid, subtree
+from ._namespace import ID_SLICE, chunk_counts, file_entry, manifest_of, pack_valid, subtree
 from ._pgschema import (
     ENTRY_COLS,
     LISTED_COLS,
@@ -83,8 +83,6 @@ from ._pgschema import (
     SCHEMA_VERSION,
     TOKEN_COLS,
     UNPIN_BUMP,
-    file_entry,
-    manifest_of,
 )
 from ._pgtarget import CONNECT_TIMEOUT, Target, connect_error, one_line
 from .base import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, MetaStore, NodeRecord, StoreStats, TokenRecord

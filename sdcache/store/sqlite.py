@@ -33,7 +33,6 @@ listing a directory is two indexed range scans, ``(parent, name) > token``.
 from __future__ import annotations
 
 import heapq
-import json
 import logging
 import os
 import sqlite3
@@ -54,9 +53,10 @@ from ..errors import (
     SchemaTooNew,
     SdcacheError,
 )
-from ..manifest import CHUNK_ENTRY, Entry, Manifest, unpack_chunks
+from ..manifest import CHUNK_ENTRY, Entry, Manifest
 from ._namespace import ID_SLICE as _ID
 from ._namespace import chunk_counts as _chunk_counts
+from ._namespace import file_entry, manifest_of
 from ._namespace import pack_valid as _pack_valid
 from ._namespace import subtree as _subtree
 from .base import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, MetaStore, NodeRecord, StoreStats, TokenRecord
@@ -135,30 +135,8 @@ _MANIFEST_COLS = "path, size, mtime, source, version_tag, sha256, kind, base, me
 _NODE_COLS = "node_id, address, capacity, role, host_id, pool_dir, used, chunks, last_seen, zone"
 
 
-def _file_entry(row: tuple) -> Entry:
-    path, size, mtime, kind, sha256, generation, chunk_count = row
-    return Entry(path, False, size, mtime, kind, sha256, generation, chunk_count)
-
-
 def _dir_entry(path: str, nbytes: int) -> Entry:
     return Entry(path, True, size=nbytes)
-
-
-def _manifest(row: tuple) -> Manifest:
-    path, size, mtime, source, tag, sha256, kind, base, metadata, generation, blob = row
-    return Manifest(
-        path=path,
-        size=size,
-        mtime=mtime,
-        source=source,
-        version_tag=tag,
-        sha256=sha256,
-        chunks=unpack_chunks(blob),
-        kind=kind,
-        base=base,
-        metadata=json.loads(metadata),
-        generation=generation,
-    )
 
 
 class _Job:
@@ -377,7 +355,7 @@ class SqliteStore(MetaStore):
         with self._read() as conn:
             row = conn.execute(f"SELECT {_ENTRY_COLS} FROM files WHERE path = ?", (path,)).fetchone()
             if row:
-                return _file_entry(row)
+                return file_entry(row)
             row = conn.execute("SELECT bytes FROM dirs WHERE path = ?", (path,)).fetchone()
         if row:
             return _dir_entry(path, row[0])
@@ -388,7 +366,7 @@ class SqliteStore(MetaStore):
         with self._read() as conn:
             row = conn.execute(f"SELECT {_MANIFEST_COLS} FROM files WHERE path = ?", (path,)).fetchone()
             if row:
-                return _manifest(row)
+                return manifest_of(row)
             if self._is_dir(conn, path):
                 raise IsADirectory(f"{path} is a directory")
         raise NotFound(f"{path}: no such file")
@@ -399,7 +377,7 @@ class SqliteStore(MetaStore):
         with self._read() as conn:
             row = conn.execute(f"SELECT {_ENTRY_COLS} FROM files WHERE path = ?", (path,)).fetchone()
             if row:
-                return [_file_entry(row)], ""
+                return [file_entry(row)], ""
             if not self._is_dir(conn, path):
                 raise NotFound(f"{path}: no such file or directory")
             dirs = conn.execute(
@@ -411,7 +389,7 @@ class SqliteStore(MetaStore):
                 (path, page_token, limit + 1),
             ).fetchall()
         rows = list(heapq.merge(dirs, files, key=lambda r: r[0]))
-        entries = [_dir_entry(r[1], r[2]) if len(r) == 3 else _file_entry(r[1:]) for r in rows[:limit]]
+        entries = [_dir_entry(r[1], r[2]) if len(r) == 3 else file_entry(r[1:]) for r in rows[:limit]]
         token = rows[limit - 1][0] if len(rows) > limit else ""
         return entries, token
 
@@ -508,12 +486,12 @@ class SqliteStore(MetaStore):
         with self._read() as conn:
             row = conn.execute(f"SELECT {_MANIFEST_COLS} FROM files WHERE path = ?", (path,)).fetchone()
             if row:
-                return [_manifest(row)]
+                return [manifest_of(row)]
             lo, hi = self._subtree_of_dir(conn, path, recursive)
             rows = conn.execute(
                 f"SELECT {_MANIFEST_COLS} FROM files WHERE path > ? AND path < ? ORDER BY path", (lo, hi)
             ).fetchall()
-        return [_manifest(r) for r in rows]
+        return [manifest_of(r) for r in rows]
 
     # -- pins ----------------------------------------------------------------
 
