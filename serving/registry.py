@@ -111,7 +111,7 @@ class RunnerDirectory:
         # runner's last report plus these, until a report taken after its answer shows what it left
         # behind. *ran*: the answer came from the runner having run it (not a refusal or a failure).
         self._pending: dict[str, dict[int, list[Any]]] = {}
-        self._reports: dict[str, tuple[dict[str, Any], float, str]] = {}  # runner -> (state, taken at, address)
+        self._reports: dict[str, tuple[routing.RunnerView, float]] = {}  # runner -> (its last report, taken at)
         self._failed: dict[str, float] = {}  # runner -> wall time a request to it failed
         self._next = 0
 
@@ -165,17 +165,18 @@ class RunnerDirectory:
                 continue
             await follower.sync(stub, None if follower.generation is None or self._auth_due() else follower.generation)
             self.last_contact = time.monotonic()
-            reports: dict[str, tuple[dict[str, Any], float, str]] = {}
+            reports: dict[str, tuple[routing.RunnerView, float]] = {}
             for r in resp.runners:
                 try:
                     state = json.loads(r.state or b"{}")
                     at = float(state.pop("at", 0.0))
                     state.setdefault("runner_id", r.runner_id)
-                    routing.RunnerView.from_dict(state)  # parses, or the runner is skipped
+                    reported = routing.RunnerView.from_dict(state)
                 except (ValueError, TypeError, AttributeError, errors.SdcacheError) as exc:
                     log.warning("runner %s sent a state that does not parse (%s); skipped", r.runner_id, exc)
                     continue
-                reports[r.runner_id] = (state, at, r.address)
+                reported.runner_id, reported.address = r.runner_id, r.address
+                reports[r.runner_id] = (reported, at)
             self._reports = reports
             views = {rid: view for rid in reports if (view := self._view(rid)) is not None}
             routing.share_costs(list(views.values()))
@@ -190,9 +191,8 @@ class RunnerDirectory:
         report = self._reports.get(runner_id)
         if report is None:
             return None
-        state, at, address = report
-        view = routing.RunnerView.from_dict(state)
-        view.runner_id, view.address = runner_id, address
+        reported, at = report
+        view = reported.copy()  # the report stays as it came: each rebuild starts from it
         if self._failed.get(runner_id, 0.0) >= at:
             view.healthy = False
         else:
